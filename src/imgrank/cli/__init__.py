@@ -1,0 +1,47 @@
+"""The ``imgrank`` command line: Typer commands, Rich output, exit codes.
+
+Each command group lives in its own module and is registered here. Importing
+this package must stay cheap: no torch, open_clip or onnxruntime at import
+time (a test checks it), so ``imgrank --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from imgrank import __version__
+
+app = typer.Typer(
+    name="imgrank",
+    help="Sort photos by what a sentence asks for (CLIP + a ranking-aware adapter).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"imgrank {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Show the version."
+    ),
+) -> None:
+    """Sort photos by what a sentence asks for."""
+
+
+# Command registration: one line per command module.
+from imgrank.cli import sort_cmd  # noqa: E402
+
+app.command("sort")(sort_cmd.sort)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

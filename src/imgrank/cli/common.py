@@ -1,0 +1,64 @@
+"""What every command shares: the stderr console and error handling.
+
+stdout carries data only; everything meant for a person (progress, summaries,
+warnings, errors) goes to stderr through :data:`err_console`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from imgrank.errors import ImgrankError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Console for people: progress, summaries, warnings, errors. Never stdout.
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: Exit code for Ctrl-C, as shells report SIGINT.
+EXIT_INTERRUPTED = 130
+
+
+def error(message: str) -> None:
+    """Print one error line to stderr (escaped so file names with [brackets] show as is)."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def warn(message: str, *, quiet: bool = False) -> None:
+    """Print one warning line to stderr unless ``quiet``."""
+    if quiet:
+        return
+    from rich.markup import escape
+
+    err_console.print(f"[yellow]warning:[/] {escape(message)}")
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into one message and an exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ImgrankError as exc:
+            error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            error("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # `imgrank sort ... | head` closes our stdout early; that is not an error.
+            try:
+                sys.stdout = None  # type: ignore[assignment]
+            finally:
+                raise typer.Exit(0) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,308 @@
+"""Finding image files and decoding them safely into model-ready pixels.
+
+Everything that can go wrong with one file (unreadable, truncated, not an
+image, a decompression bomb) raises :class:`ImageDecodeError` naming the file
+and a one-line reason, so the pipeline skips it and goes on.
+
+Preprocessing returns numpy arrays (not torch tensors) so the ONNX path can
+run without torch.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from imgrank.errors import ImageDecodeError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from imgrank.backbone import PreprocessConfig
+
+#: Extensions read by Pillow out of the box (compared lower-cased).
+BASE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+
+#: Refuse images above this many pixels (decompression-bomb guard). 200 MP
+#: admits any camera and most stitched panoramas.
+DEFAULT_MAX_PIXELS = 200_000_000
+
+_heif_state: bool | None = None
+
+
+def heif_available() -> bool:
+    """Register the HEIC/HEIF opener when the ``heif`` extra (pillow-heif) is installed."""
+    global _heif_state
+    if _heif_state is None:
+        try:
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+            _heif_state = True
+        except ImportError:
+            _heif_state = False
+    return _heif_state
+
+
+def supported_extensions() -> frozenset[str]:
+    """Lower-case extensions imgrank reads on this installation."""
+    return BASE_EXTENSIONS | HEIF_EXTENSIONS if heif_available() else BASE_EXTENSIONS
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def find_images(
+    root: Path,
+    *,
+    recursive: bool = True,
+    include_hidden: bool = False,
+    exclude: list[Path] | tuple[Path, ...] = (),
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> list[Path]:
+    """List the image files under ``root``, sorted, as paths under ``root``.
+
+    Symbolic links to files and folders are followed, but a folder already
+    visited (same device and inode) is never entered twice, so link loops end.
+    Broken links, unreadable folders and files whose extension is supported
+    but that are not regular files are reported through ``on_skip``.
+
+    Args:
+        root: folder to scan (a single file is returned as is if supported).
+        recursive: descend into sub-folders.
+        include_hidden: also consider names starting with a dot.
+        exclude: folders not to scan (e.g. a ``--link`` output inside ``root``).
+        on_skip: called with ``(path, reason)`` for each file that cannot be used.
+    """
+    extensions = supported_extensions()
+    skip = on_skip or (lambda _path, _reason: None)
+    excluded = set()
+    for folder in exclude:
+        try:
+            info = os.stat(folder)
+            excluded.add((info.st_dev, info.st_ino))
+        except OSError:
+            continue
+
+    if root.is_file():
+        return [root] if root.suffix.lower() in extensions else []
+
+    found: list[Path] = []
+    visited: set[tuple[int, int]] = set()
+
+    def walk(folder: Path) -> None:
+        try:
+            info = os.stat(folder)
+        except OSError as exc:
+            skip(folder, f"cannot open folder: {exc.strerror or exc}")
+            return
+        key = (info.st_dev, info.st_ino)
+        if key in visited or key in excluded:
+            return  # a symlink loop, a folder reached twice, or an excluded output folder
+        visited.add(key)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            skip(folder, f"cannot list folder: {exc.strerror or exc}")
+            return
+        subfolders = []
+        for entry in entries:
+            if not include_hidden and _is_hidden(entry.name):
+                continue
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if recursive:
+                    subfolders.append(path)
+                continue
+            if path.suffix.lower() not in extensions:
+                continue
+            try:
+                mode = os.stat(path).st_mode
+            except FileNotFoundError:
+                skip(path, "broken symbolic link (its target does not exist)")
+                continue
+            except OSError as exc:
+                skip(path, f"cannot read: {exc.strerror or exc}")
+                continue
+            if not stat.S_ISREG(mode):
+                skip(path, "not a regular file")
+                continue
+            found.append(path)
+        for sub in subfolders:
+            walk(sub)
+
+    walk(root)
+    return found
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB the way a photo viewer shows it.
+
+    Transparent areas are composited onto white (what viewers and browsers
+    show); 16-bit and float greyscale are scaled, not clipped; CMYK and
+    palette images are converted by Pillow.
+    """
+    import numpy as np
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            low, high = float(np.nanmin(array)), float(np.nanmax(array))
+            scale = 255.0 / (high - low) if high > low else 0.0
+            array = (array - low) * scale
+        else:
+            array = array / 257.0  # 0..65535 -> 0..255
+        grey = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(
+    path: Path,
+    *,
+    min_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Open and fully decode one image as upright 8-bit RGB.
+
+    Args:
+        path: the file.
+        min_side: when set, a JPEG may be decoded at reduced size (DCT scaling,
+            Pillow's draft mode) as long as both sides stay at least this many
+            pixels; pass twice the model input size so that the antialiased
+            resize that follows sees practically the same pixels.
+        max_pixels: refuse larger images (decompression bombs).
+
+    Raises:
+        ImageDecodeError: the file cannot be read or is not a usable image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file disappeared before it could be read") from None
+    except PermissionError:
+        raise ImageDecodeError(path, "permission denied") from None
+    except UnidentifiedImageError:
+        reason = "empty file (0 bytes)" if _size(path) == 0 else "not an image Pillow can read"
+        raise ImageDecodeError(path, reason) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(path, f"refused as a decompression bomb ({exc})") from None
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot read: {exc.strerror or exc}") from None
+
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageDecodeError(
+                path,
+                f"{width}x{height} = {width * height:,} pixels is more than the limit of "
+                f"{max_pixels:,} (a decompression-bomb guard)",
+            )
+        try:
+            if min_side and image.format == "JPEG":
+                image.draft("RGB", (min_side, min_side))
+            image.load()
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animated: the first frame represents the file
+            upright = ImageOps.exif_transpose(image)
+            return _to_rgb(upright if upright is not None else image)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            message = str(exc) or type(exc).__name__
+            if "truncated" in message:
+                message = "truncated file (the image data ends early)"
+            raise ImageDecodeError(path, f"cannot decode: {message}") from None
+        except MemoryError:
+            raise ImageDecodeError(path, "not enough memory to decode") from None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+_RESAMPLE = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling values
+
+
+def resize_for_model(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """Resize (and crop, in ``crop`` mode) an RGB image to the model's square input.
+
+    Matches torchvision's transforms on PIL images: ``squash`` is
+    ``Resize((S, S))``; ``crop`` is ``Resize(S)`` on the shorter side then
+    ``CenterCrop(S)``, as open_clip's default preprocessing does.
+    """
+    size = config.image_size
+    resample = _RESAMPLE.get(config.interpolation, 3)
+    if config.resize_mode == "squash":
+        return image.resize((size, size), resample=resample)
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), resample=resample)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_normalized_array(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """(3, S, S) float32 array: pixels scaled to [0, 1] and normalised per channel."""
+    import numpy as np
+
+    array = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    mean = np.asarray(config.mean, dtype=np.float32)
+    std = np.asarray(config.std, dtype=np.float32)
+    array = (array - mean) / std
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def load_pixels(
+    path: Path,
+    config: PreprocessConfig,
+    *,
+    draft: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode one file into the model's normalised (3, S, S) input.
+
+    Raises:
+        ImageDecodeError: the file cannot be used.
+    """
+    min_side = 2 * config.image_size if draft else None
+    image = open_image(path, min_side=min_side, max_pixels=max_pixels)
+    return to_normalized_array(resize_for_model(image, config), config)
+
+
+def iter_supported(paths: list[Path]) -> Iterator[Path]:
+    """The paths whose extension this installation reads."""
+    extensions = supported_extensions()
+    return (p for p in paths if p.suffix.lower() in extensions)

@@ -1,0 +1,56 @@
+"""The result of a run: ranked images and skipped files.
+
+These plain dataclasses are what every writer (CSV, JSON lines, paths,
+links/copies, renames, the HTML report) consumes, so writers never depend on
+torch or on how scores were produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RankedImage:
+    """One image in the final order. ``rank`` starts at 1 (the first row)."""
+
+    rank: int
+    score: float
+    path: Path
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file the run could not use, and a one-line reason a user understands."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class Ranking:
+    """Everything a writer needs to present one run."""
+
+    items: list[RankedImage]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    prompt: str = ""
+    scorer: str = ""
+    seconds: float = 0.0
+
+
+def rank_scores(
+    scored: list[tuple[Path, float]], *, ascending: bool = False, top: int | None = None
+) -> list[RankedImage]:
+    """Order ``(path, score)`` pairs and number them from 1.
+
+    Ties are broken by path so the output is deterministic. ``ascending``
+    puts the lowest score first; ``top`` keeps only the first K rows.
+    """
+    if ascending:
+        ordered = sorted(scored, key=lambda item: (item[1], str(item[0])))
+    else:
+        ordered = sorted(scored, key=lambda item: (-item[1], str(item[0])))
+    if top is not None:
+        ordered = ordered[:top]
+    return [RankedImage(rank=i, score=score, path=path) for i, (path, score) in enumerate(ordered, 1)]
