@@ -27,7 +27,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from imgrank.errors import ModelError, UsageError, WeightsUnavailableError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+    from imgrank.scoring import FeatureBatch
 
 #: The default backbone: ViT-B-32 is the cheapest of the well-trained CLIP
 #: image towers (about 4.4 GFLOPs per 224 px image, 49 patch tokens), so a
@@ -397,6 +400,22 @@ class Backbone:
             if visual.proj is not None:
                 patch_tokens = patch_tokens @ visual.proj
             return ImageFeatures(pooled=pooled, tokens=patch_tokens)
+
+    def encode_pixels(self, pixels: np.ndarray, *, tokens: bool = False) -> FeatureBatch:
+        """Pipeline entry point: numpy pixels (N, 3, S, S) in, numpy features out.
+
+        Features are returned as float32 numpy arrays on the CPU so that the
+        cache, the scorers and the ONNX path share one runtime-agnostic format.
+        """
+        import torch
+
+        from imgrank.scoring import FeatureBatch
+
+        features = self.encode_images(torch.from_numpy(pixels), tokens=tokens)
+        return FeatureBatch(
+            pooled=features.pooled.float().cpu().numpy(),
+            tokens=None if features.tokens is None else features.tokens.float().cpu().numpy(),
+        )
 
     def encode_token_ids(self, ids: torch.Tensor) -> TextFeatures:
         """Run the text tower on token ids: pooled embedding and per-position tokens."""

@@ -17,16 +17,33 @@ in the constructor), then per batch of images.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-if TYPE_CHECKING:
-    import torch
+import numpy as np
 
-    from imgrank.backbone import Backbone, ImageFeatures
+if TYPE_CHECKING:
+    from imgrank.backbone import Backbone
 
 #: Templates of the zero-shot antonym pair; ``{}`` is the prompt. Documented in docs/cli.md.
 POSITIVE_TEMPLATE = "a photo of high {}."
 NEGATIVE_TEMPLATE = "a photo of low {}."
+
+
+@dataclass
+class FeatureBatch:
+    """Image features of one batch, as numpy arrays (runtime-agnostic: torch or ONNX).
+
+    Attributes:
+        pooled: (N, E) float32 projected embeddings, not normalised (zero-shot scoring).
+        tokens: (N, P, D) visual tokens for the adapter, or None when not computed.
+    """
+
+    pooled: np.ndarray
+    tokens: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.pooled.shape[0])
 
 
 class Scorer(Protocol):
@@ -37,8 +54,8 @@ class Scorer(Protocol):
     #: True when the scorer reads visual tokens (adapters), False for pooled embeddings.
     needs_tokens: bool
 
-    def score(self, features: ImageFeatures) -> list[float]:
-        """One score per image of the batch, higher meaning more of what was asked."""
+    def score(self, batch: FeatureBatch) -> np.ndarray:
+        """(N,) float scores for the batch, higher meaning more of what was asked."""
         ...
 
 
@@ -54,39 +71,47 @@ def antonym_pair(prompt: str, against: str | None = None) -> tuple[str, str]:
     return POSITIVE_TEMPLATE.format(prompt), NEGATIVE_TEMPLATE.format(prompt)
 
 
-def zero_shot_scores(
-    image_pooled: torch.Tensor, text_pooled: torch.Tensor, logit_scale: float
-) -> torch.Tensor:
-    """Probability of the positive text (row 0 of ``text_pooled``) for each image.
-
-    Args:
-        image_pooled: (N, E) image embeddings (any scale).
-        text_pooled: (2, E) embeddings of the positive and negative phrasings.
-        logit_scale: CLIP's learned temperature (exp of ``logit_scale``).
-    """
-    import torch.nn.functional as F
-
-    image = F.normalize(image_pooled.float(), dim=-1)
-    text = F.normalize(text_pooled.float(), dim=-1)
-    logits = logit_scale * image @ text.T  # (N, 2)
-    return logits.softmax(dim=-1)[:, 0]
+def _l2_normalize(array: np.ndarray) -> np.ndarray:
+    array = array.astype(np.float32, copy=False)
+    norms = np.linalg.norm(array, axis=-1, keepdims=True)
+    return array / np.maximum(norms, 1e-12)
 
 
 class ZeroShotScorer:
-    """CLIP-IQA style scoring with an antonym pair; needs no training."""
+    """CLIP-IQA style scoring with an antonym pair; needs no training.
+
+    The score of an image is the softmax probability, over the two phrasings,
+    of the positive one: ``softmax(scale * [cos(img, pos), cos(img, neg)])[0]``.
+    """
 
     needs_tokens = False
 
-    def __init__(self, backbone: Backbone, prompt: str, against: str | None = None) -> None:
-        import torch
+    def __init__(
+        self, text_pooled: np.ndarray, logit_scale: float, positive: str, negative: str
+    ) -> None:
+        """Args:
+        text_pooled: (2, E) embeddings of the positive and negative phrasings.
+        logit_scale: CLIP's temperature, ``exp(logit_scale)`` (capped at 100 as CLIP does).
+        positive: the positive phrasing (for display).
+        negative: the negative phrasing (for display).
+        """
+        self.positive, self.negative = positive, negative
+        self.name = f'zero-shot CLIP ("{positive}" vs "{negative}")'
+        self._text = _l2_normalize(np.asarray(text_pooled, dtype=np.float32))
+        self._logit_scale = float(logit_scale)
 
-        self.positive, self.negative = antonym_pair(prompt, against)
-        self.name = f'zero-shot CLIP ("{self.positive}" vs "{self.negative}")'
-        text = backbone.encode_text([self.positive, self.negative])
-        self._text = text.pooled.float()
-        with torch.no_grad():
-            self._logit_scale = float(backbone.model.logit_scale.exp().clamp(max=100).item())
+    @classmethod
+    def for_backbone(
+        cls, backbone: Backbone, prompt: str, against: str | None = None
+    ) -> ZeroShotScorer:
+        """Encode the antonym pair once with the backbone's text tower."""
+        positive, negative = antonym_pair(prompt, against)
+        text = backbone.encode_text([positive, negative])
+        scale = min(float(backbone.model.logit_scale.exp().item()), 100.0)
+        return cls(text.pooled.float().cpu().numpy(), scale, positive, negative)
 
-    def score(self, features: ImageFeatures) -> list[float]:
-        text = self._text.to(features.pooled.device)
-        return zero_shot_scores(features.pooled, text, self._logit_scale).cpu().tolist()
+    def score(self, batch: FeatureBatch) -> np.ndarray:
+        logits = self._logit_scale * (_l2_normalize(batch.pooled) @ self._text.T)  # (N, 2)
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        return (probs[:, 0] / probs.sum(axis=1)).astype(np.float64)
