@@ -221,8 +221,56 @@ def _build_clip(config: dict[str, Any]) -> Any:
         raise ModelError(f"cannot build the model from its config: {exc}") from None
 
 
+def _cached_pretrained(cfg: dict[str, Any], cache: Path) -> Path | None:
+    """The local file of a pretrained config if an earlier run downloaded it."""
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import hf_hub_download
+
+        model_id, filename = os.path.split(hub)
+        names = [filename] if filename else []
+        names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in dict.fromkeys(n for n in names if n):
+            stem, _ = os.path.splitext(name)
+            for candidate in dict.fromkeys([f"{stem}.safetensors", name]):
+                try:
+                    return Path(
+                        hf_hub_download(
+                            model_id, candidate, cache_dir=str(cache), local_files_only=True
+                        )
+                    )
+                except Exception:  # noqa: BLE001 - not cached under this name
+                    continue
+        return None
+    url = cfg.get("url", "")
+    if url:
+        target = cache / os.path.basename(url)
+        return target if target.is_file() else None
+    return None
+
+
+def _reachable(cfg: dict[str, Any], timeout: float = 5.0) -> bool:
+    """Whether the weights' host answers at all: fail in seconds offline, not minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(cfg["url"]).hostname if cfg.get("url") and not cfg.get("hf_hub") else None
+    host = host or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _download_pretrained(model_name: str, tag: str) -> Path:
-    """Return the local file of an open_clip pretrained tag, downloading it once."""
+    """Return the local file of an open_clip pretrained tag, downloading it once.
+
+    A file downloaded earlier is found in the cache without any network access,
+    so imgrank works offline after the first run.
+    """
+    import logging
+
     import open_clip
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
@@ -238,15 +286,26 @@ def _download_pretrained(model_name: str, tag: str) -> Path:
         )
     cache = weights_dir()
     cache.mkdir(parents=True, exist_ok=True)
+    cached = _cached_pretrained(cfg, cache)
+    if cached is not None:
+        return cached
+    offline_help = (
+        f"the weights {model_name}/{tag} are not in {cache} and could not be downloaded "
+        "({why}). Connect to the internet once so imgrank can fetch them (they are reused "
+        "offline afterwards), or pass --pretrained FILE with a local .safetensors/.pt weights "
+        "file (or --pretrained none for random weights, which rank meaninglessly)."
+    )
+    if not _reachable(cfg):
+        raise WeightsUnavailableError(offline_help.format(why="no network connection"))
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry chatter is not for our users
     try:
         target = download_pretrained(cfg, cache_dir=str(cache))
     except Exception as exc:  # noqa: BLE001 - network, hub and file errors all mean "not here"
-        raise WeightsUnavailableError(
-            f"the weights {model_name}/{tag} are not in {cache} and could not be downloaded "
-            f"({type(exc).__name__}). Connect to the internet once so imgrank can fetch them, "
-            "or pass --pretrained FILE with a local .safetensors/.pt weights file "
-            "(or --pretrained none for random weights, which rank meaninglessly)."
-        ) from None
+        raise WeightsUnavailableError(offline_help.format(why=type(exc).__name__)) from None
+    finally:
+        hub_logger.setLevel(level)
     if not target:
         raise WeightsUnavailableError(f"no download source is known for {model_name}/{tag}")
     return Path(target)

@@ -1,0 +1,203 @@
+"""``imgrank sort``: rank the photos of a folder by a prompt."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+
+from rich.markup import escape
+
+# These modules import torch only inside functions, so importing them here is cheap.
+from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from imgrank.cli.common import err_console, handle_errors, warn
+from imgrank.errors import UsageError
+from imgrank.images import DEFAULT_MAX_PIXELS
+from imgrank.outputs import FORMATS
+from imgrank.pipeline import DEFAULT_BATCH_SIZE
+from imgrank.ranking import SkippedFile
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+
+@handle_errors
+def sort(
+    folder: Path = typer.Argument(..., help="Folder of photos to rank (scanned recursively)."),
+    by: str = typer.Option(..., "--by", "-b", help='What to sort by, e.g. "image quality".'),
+    against: Optional[str] = typer.Option(
+        None,
+        "--against",
+        help="Zero-shot only: the negative phrasing, used verbatim with --by verbatim "
+        '(e.g. --by "a sharp photo" --against "a blurry photo").',
+    ),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", help="open_clip model name, or path to a model config JSON."
+    ),
+    pretrained: str = typer.Option(
+        DEFAULT_PRETRAINED,
+        "--pretrained",
+        help="open_clip pretrained tag, a local .safetensors/.pt weights file, or 'none' "
+        "(random weights: meaningless ranking, for tests).",
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", help="Decode threads (default: one per CPU core)."
+    ),
+    recursive: bool = typer.Option(
+        True, "--recursive/--no-recursive", help="Scan sub-folders too."
+    ),
+    include_hidden: bool = typer.Option(
+        False, "--include-hidden", help="Also rank files and folders whose name starts with a dot."
+    ),
+    fmt: str = typer.Option(
+        "csv", "--format", "-f", help="Output format: csv (rank,score,path), jsonl, or paths."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write the ranking to FILE instead of stdout."
+    ),
+    null: bool = typer.Option(
+        False, "--null", "-0", help="With --format paths: separate paths with NUL (for xargs -0)."
+    ),
+    top: Optional[int] = typer.Option(None, "--top", help="Keep only the first K images."),
+    ascending: bool = typer.Option(False, "--ascending", help="Lowest score first."),
+    link: Optional[Path] = typer.Option(
+        None, "--link", help="Also create rank-ordered symlinks (0001_name.jpg, ...) in DIR."
+    ),
+    copy: Optional[Path] = typer.Option(
+        None, "--copy", help="Also create rank-ordered copies (0001_name.jpg, ...) in DIR."
+    ),
+    errors: Optional[Path] = typer.Option(
+        None, "--errors", help="Write the skipped files as CSV (path,reason) to FILE."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Allow --output/--errors to replace an existing file."
+    ),
+    max_pixels: int = typer.Option(
+        DEFAULT_MAX_PIXELS, "--max-pixels", help="Skip images larger than this (decompression bombs)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+) -> None:
+    """Rank the photos of FOLDER by how well they match --by, best first.
+
+    The ranking goes to stdout (or --output) as CSV, JSON lines or plain paths;
+    progress and a summary go to stderr when it is a terminal.
+
+    Examples:
+
+        imgrank sort ./photos --by "image quality" > ranking.csv
+
+        imgrank sort ./photos --by "sharpness" --format paths --top 20 | xargs -d '\\n' ls -l
+    """
+    from imgrank.outputs import materialize, open_new_file, write_errors_csv, write_ranking
+    from imgrank.sorter import SortCallbacks, SortRequest, sort_folder
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if null and fmt != "paths":
+        raise UsageError("--null only applies to --format paths")
+    exclude = [p for p in (link, copy) if p is not None]
+    request = SortRequest(
+        folder=folder,
+        prompt=by,
+        against=against,
+        model=model,
+        pretrained=pretrained,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        recursive=recursive,
+        include_hidden=include_hidden,
+        exclude=exclude,
+        ascending=ascending,
+        top=top,
+        max_pixels=max_pixels,
+    )
+    interactive = err_console.is_terminal and not quiet
+    skipped: list[SkippedFile] = []
+
+    def skip(item: SkippedFile) -> None:
+        skipped.append(item)
+        # A file that could not be used is an error for that file: shown even with --quiet.
+        err_console.print(f"[yellow]skipped:[/] {escape(str(item.path))}: {escape(item.reason)}")
+
+    with ExitStack() as stack:
+        # Open output files first: a refusal to overwrite should come before minutes of work.
+        out_stream = (
+            stack.enter_context(open_new_file(output, overwrite=force))
+            if output is not None
+            else sys.stdout.buffer
+        )
+        errors_stream = (
+            stack.enter_context(open_new_file(errors, overwrite=force)) if errors is not None else None
+        )
+        progress = _progress(enabled=interactive)
+        if progress is not None:
+            stack.enter_context(progress)
+        task_ids: list[int] = []
+
+        def found(total: int) -> None:
+            if progress is not None:
+                task_ids.append(progress.add_task("ranking", total=total))
+
+        def advance(count: int) -> None:
+            if progress is not None and task_ids:
+                progress.advance(task_ids[0], count)
+
+        callbacks = SortCallbacks(
+            warn=lambda message: warn(message, quiet=quiet), skip=skip, found=found, advance=advance
+        )
+        try:
+            ranking = sort_folder(request, callbacks)
+        finally:
+            if progress is not None:
+                progress.stop()
+            if errors_stream is not None:
+                # Written even when the run ends with no image ranked: that is when it matters most.
+                write_errors_csv(skipped, errors_stream)
+        write_ranking(ranking.items, out_stream, fmt, null=null)
+        if link is not None:
+            materialize(ranking.items, link, mode="link")
+        if copy is not None:
+            materialize(ranking.items, copy, mode="copy")
+
+    if interactive:
+        err_console.print(
+            f"ranked {len(ranking.items)} image(s), skipped {len(ranking.skipped)} file(s) "
+            f"in {ranking.seconds:.1f} s, scored by {escape(ranking.scorer)}"
+        )
+
+
+def _progress(*, enabled: bool) -> Progress | None:
+    """A Rich progress bar with images/s and ETA on stderr, or None when not wanted."""
+    if not enabled:
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class ImagesPerSecond(ProgressColumn):
+        def render(self, task):  # type: ignore[no-untyped-def]
+            speed = task.speed
+            return Text("" if speed is None else f"{speed:.1f} img/s")
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        ImagesPerSecond(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )

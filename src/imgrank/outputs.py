@@ -1,0 +1,169 @@
+"""Writers for a ranking: CSV, JSON lines, plain paths, rank-ordered links or copies.
+
+Paths are written exactly as they are on disk: Python decodes undecodable
+bytes of file names with ``surrogateescape``, and the text writers encode them
+back the same way, so a non-UTF-8 name survives ``imgrank sort | xargs``.
+(In JSON lines such a name appears as ``\\udcXX`` escapes, which decode back to
+the same string, since JSON text must be Unicode.)
+
+No writer overwrites or deletes an existing file: targets are opened with
+``O_EXCL`` (files, copies) or created by ``symlink`` (which refuses existing
+paths), and every target is checked before the first one is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from imgrank.errors import UnsafeOperationError
+from imgrank.ranking import RankedImage, SkippedFile
+
+OutputFormat = Literal["csv", "jsonl", "paths"]
+FORMATS: tuple[str, ...] = ("csv", "jsonl", "paths")
+
+
+def format_score(score: float) -> str:
+    """Scores as text: six decimals are enough to order and compare them."""
+    return f"{score:.6f}"
+
+
+def _text_stream(stream: BinaryIO) -> io.TextIOWrapper:
+    # surrogateescape turns the escaped bytes of non-UTF-8 names back into those bytes.
+    return io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="", write_through=True)
+
+
+def write_csv(items: Iterable[RankedImage], stream: BinaryIO) -> None:
+    """``rank,score,path`` with a header row; rank 1 is the first row."""
+    text = _text_stream(stream)
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["rank", "score", "path"])
+    for item in items:
+        writer.writerow([item.rank, format_score(item.score), str(item.path)])
+    text.flush()
+    text.detach()
+
+
+def write_jsonl(items: Iterable[RankedImage], stream: BinaryIO) -> None:
+    """One JSON object per line: ``{"rank": 1, "score": 0.93, "path": "..."}``."""
+    for item in items:
+        line = json.dumps({"rank": item.rank, "score": item.score, "path": str(item.path)})
+        stream.write(line.encode("ascii") + b"\n")
+    stream.flush()
+
+
+def write_paths(items: Iterable[RankedImage], stream: BinaryIO, *, null: bool = False) -> None:
+    """Only the paths, one per line (or NUL-separated for ``xargs -0``), as raw bytes."""
+    separator = b"\0" if null else b"\n"
+    for item in items:
+        stream.write(os.fsencode(item.path) + separator)
+    stream.flush()
+
+
+def write_ranking(
+    items: list[RankedImage], stream: BinaryIO, fmt: str = "csv", *, null: bool = False
+) -> None:
+    """Write ``items`` to a binary stream in one of :data:`FORMATS`."""
+    if fmt == "csv":
+        write_csv(items, stream)
+    elif fmt == "jsonl":
+        write_jsonl(items, stream)
+    elif fmt == "paths":
+        write_paths(items, stream, null=null)
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+def open_new_file(path: Path, *, overwrite: bool = False) -> BinaryIO:
+    """Open ``path`` for writing, refusing to replace an existing file unless asked.
+
+    Raises:
+        UnsafeOperationError: the file exists and ``overwrite`` is False.
+    """
+    try:
+        if overwrite:
+            return open(path, "wb")  # noqa: SIM115 - the caller closes it
+        return open(path, "xb")  # noqa: SIM115
+    except FileExistsError:
+        raise UnsafeOperationError(
+            f"{path} already exists; imgrank never overwrites a file unless --force is given"
+        ) from None
+    except OSError as exc:
+        raise UnsafeOperationError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def write_errors_csv(skipped: Iterable[SkippedFile], stream: BinaryIO) -> None:
+    """The skipped files as CSV ``path,reason`` (for ``--errors FILE``)."""
+    text = _text_stream(stream)
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    for item in skipped:
+        writer.writerow([str(item.path), item.reason])
+    text.flush()
+    text.detach()
+
+
+def rank_prefix_width(count: int) -> int:
+    """Digits of the rank prefix: at least 4 (``0001_``), more for huge folders."""
+    return max(4, len(str(count)))
+
+
+def ranked_names(items: list[RankedImage]) -> list[str]:
+    """``0001_<original name>`` for each item, the rank zero-padded to a common width."""
+    width = rank_prefix_width(len(items))
+    return [f"{item.rank:0{width}d}_{item.path.name}" for item in items]
+
+
+def materialize(
+    items: list[RankedImage], out_dir: Path, *, mode: Literal["link", "copy"]
+) -> list[Path]:
+    """Write rank-ordered symlinks or copies of the originals into ``out_dir``.
+
+    Every target name is checked before anything is written, and each one is
+    then created in a way that fails if the name appeared meanwhile, so
+    nothing already in ``out_dir`` is ever replaced.
+
+    Returns:
+        The created paths, in rank order.
+
+    Raises:
+        UnsafeOperationError: a target name already exists in ``out_dir``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = [out_dir / name for name in ranked_names(items)]
+    existing = [t for t in targets if os.path.lexists(t)]
+    if existing:
+        shown = ", ".join(str(t.name) for t in existing[:5])
+        more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+        raise UnsafeOperationError(
+            f"{out_dir} already holds {shown}{more}; imgrank never overwrites files. "
+            "Choose an empty folder or remove those files yourself."
+        )
+    created: list[Path] = []
+    for item, target in zip(items, targets, strict=True):
+        source = item.path.absolute()
+        try:
+            if mode == "link":
+                os.symlink(source, target)  # fails with FileExistsError on an existing name
+            else:
+                with open(source, "rb") as src, open(target, "xb") as dst:
+                    shutil.copyfileobj(src, dst, length=1024 * 1024)
+                shutil.copystat(source, target)
+        except FileExistsError:
+            raise UnsafeOperationError(
+                f"{target} appeared while imgrank was writing; it was left untouched "
+                f"({len(created)} of {len(items)} {mode}s written)"
+            ) from None
+        except OSError as exc:
+            raise UnsafeOperationError(
+                f"cannot {mode} {source} to {target}: {exc.strerror or exc} "
+                f"({len(created)} of {len(items)} written; originals untouched)"
+            ) from None
+        created.append(target)
+    return created

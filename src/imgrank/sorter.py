@@ -1,0 +1,136 @@
+"""The main job as a library call: folder + prompt -> :class:`imgrank.ranking.Ranking`.
+
+The CLI's ``sort`` command parses options into a :class:`SortRequest`, calls
+:func:`sort_folder` and hands the result to the writers. Keeping this here
+(not in the CLI) lets tests, the report and other front ends reuse it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
+from imgrank.errors import NoImagesRankedError, UsageError
+from imgrank.images import DEFAULT_MAX_PIXELS, find_images
+from imgrank.pipeline import DEFAULT_BATCH_SIZE, score_images
+from imgrank.ranking import Ranking, SkippedFile, rank_scores
+
+
+@dataclass
+class SortRequest:
+    """Everything ``imgrank sort`` needs to know."""
+
+    folder: Path
+    prompt: str
+    against: str | None = None
+    model: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
+    device: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int | None = None
+    recursive: bool = True
+    include_hidden: bool = False
+    exclude: list[Path] = field(default_factory=list)
+    ascending: bool = False
+    top: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class SortCallbacks:
+    """Hooks for a front end: warnings, skipped files, and progress."""
+
+    warn: Callable[[str], None] = lambda _message: None
+    skip: Callable[[SkippedFile], None] = lambda _item: None
+    #: Called once with the number of files found, before scoring starts.
+    found: Callable[[int], None] = lambda _total: None
+    #: Called with the number of files finished since the last call.
+    advance: Callable[[int], None] = lambda _count: None
+
+
+def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) -> Ranking:
+    """Find, score and order the images of a folder.
+
+    Raises:
+        UsageError: the folder does not exist or the options are inconsistent.
+        NoImagesRankedError: no image could be ranked.
+        ModelError: the backbone cannot be loaded.
+    """
+    from imgrank.backbone import load_backbone
+    from imgrank.scoring import ZeroShotScorer
+
+    callbacks = callbacks or SortCallbacks()
+    if not request.prompt.strip():
+        raise UsageError("--by needs a non-empty prompt, e.g. --by \"image quality\"")
+    if not request.folder.exists():
+        raise UsageError(f"{request.folder} does not exist")
+    if request.top is not None and request.top < 1:
+        raise UsageError("--top must be at least 1")
+    if request.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+
+    started = time.perf_counter()
+    skipped: list[SkippedFile] = []
+
+    def on_skip(item: SkippedFile) -> None:
+        skipped.append(item)
+        callbacks.skip(item)
+
+    paths = find_images(
+        request.folder,
+        recursive=request.recursive,
+        include_hidden=request.include_hidden,
+        exclude=request.exclude,
+        on_skip=lambda path, reason: on_skip(SkippedFile(path, reason)),
+    )
+    if not paths:
+        raise NoImagesRankedError(_nothing_found_message(request, skipped))
+
+    backbone = load_backbone(
+        BackboneSpec(model=request.model, pretrained=request.pretrained),
+        device=request.device,
+        warn=callbacks.warn,
+    )
+    scorer = ZeroShotScorer.for_backbone(backbone, request.prompt, request.against)
+    callbacks.found(len(paths))
+    scored = score_images(
+        paths,
+        backbone,
+        scorer,
+        batch_size=request.batch_size,
+        workers=request.workers,
+        max_pixels=request.max_pixels,
+        on_skip=on_skip,
+        on_progress=callbacks.advance,
+    )
+    if not scored:
+        raise NoImagesRankedError(
+            f"none of the {len(paths)} image files in {request.folder} could be read "
+            f"({len(skipped)} skipped; see the reasons above)"
+        )
+    items = rank_scores(scored, ascending=request.ascending, top=request.top)
+    return Ranking(
+        items=items,
+        skipped=skipped,
+        prompt=request.prompt,
+        scorer=scorer.name,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _nothing_found_message(request: SortRequest, skipped: list[SkippedFile]) -> str:
+    from imgrank.images import supported_extensions
+
+    extensions = ", ".join(sorted(e.lstrip(".") for e in supported_extensions()))
+    message = f"no image files found in {request.folder} (looked for {extensions}"
+    if not request.recursive:
+        message += "; sub-folders not scanned because of --no-recursive"
+    if not request.include_hidden:
+        message += "; hidden files skipped, --include-hidden to scan them"
+    message += ")"
+    if skipped:
+        message += f"; {len(skipped)} file(s) could not be used (see above)"
+    return message

@@ -1,0 +1,46 @@
+"""Shared fixtures: an isolated user folder, a tiny random-weight CLIP, real photos.
+
+Every test gets its own IMGRANK_HOME so caches, weights and rename journals
+never touch the real user folders (and tests never see each other's files).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+PHOTOS = DATA / "photos"
+#: A 32 px ViT with one layer per tower: builds in milliseconds, random weights.
+TINY_MODEL = DATA / "tiny-clip.json"
+#: Where CI puts the shared folder (reference vectors from the authors' code).
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path_factory.mktemp("imgrank-home")
+    monkeypatch.setenv("IMGRANK_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def tiny_model() -> Path:
+    return TINY_MODEL
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    """A folder with the four real CC0 photos."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in sorted(PHOTOS.glob("*.jpg")):
+        shutil.copy(photo, folder / photo.name)
+    return folder
+
+
+def tiny_args(tiny_model: Path = TINY_MODEL) -> list[str]:
+    """CLI arguments selecting the tiny random-weight model on the CPU."""
+    return ["--model", str(tiny_model), "--pretrained", "none", "--device", "cpu"]
