@@ -541,7 +541,13 @@ def load_backbone(spec: BackboneSpec, *, device: str = "auto", warn: Any = None)
         stat = weights_path.stat()
         weights_id = f"{weights_path.name}:{stat.st_size}:{stat.st_mtime_ns}"
 
-    model = _build_clip(config)
+    if weights_path is None:
+        # Random weights are seeded so that runs, tests and benchmarks are reproducible.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = _build_clip(config)
+    else:
+        model = _build_clip(config)
     if weights_path is not None:
         state = read_state_dict(weights_path)
         state = {k: v for k, v in state.items() if not k.startswith("adapter.")}
