@@ -1,0 +1,380 @@
+"""The ranking-aware adapter (Yu et al., ICLR 2025) and its configuration.
+
+A frozen CLIP backbone gives each image a grid of visual tokens and the prompt
+a sequence of text tokens. :class:`RankingAdapter` fuses them with
+cross-attention and predicts one score per image (the regression head, used to
+sort). For training it also scores every ordered pair of images of a batch
+(the pair head, fed by the ranking-aware attention). The computation follows
+the authors' released implementation; ``docs/adapter.md`` describes it and the
+state-dict keys are the authors' keys without their ``adapter.`` prefix, so
+their checkpoints load unchanged.
+
+Three variants reproduce the ablation rows of the paper (``AdapterConfig.variant``):
+
+* ``"full"``: the released model, pair head on top of ranking-aware attention;
+* ``"ranking-head"``: the same pair head, but fed with the difference of the two
+  images' pooled tokens (no relational attention);
+* ``"ltr"``: no pair head; the "pair logits" are score differences
+  ``s_i - s_j`` so that the same pairwise losses train the regression head.
+
+Every variant returns ``(scores (N, 1), pair_logits (N*N, 1))`` from
+:meth:`RankingAdapter.forward`, row ``i*N + j`` of ``pair_logits`` meaning
+"image i ranks above image j", so the training loop does not branch on the
+variant. Sorting only needs :meth:`RankingAdapter.score` (O(N), no pairs).
+
+torch is imported at module level here: this module is only imported by code
+that runs a model, never by ``imgrank.cli`` at start-up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from imgrank.errors import ModelError
+
+Variant = Literal["full", "ranking-head", "ltr"]
+VARIANTS: tuple[str, ...] = ("full", "ranking-head", "ltr")
+
+# Values of the authors' own config switches that this module implements. Any
+# other value selects code paths of theirs we do not have, so a config asking
+# for one is refused instead of being run as something else.
+_SUPPORTED_AUTHOR_SWITCHES = {
+    "cross_attn_method": ("cross-qkv",),
+    "reg_token_method": ("cross-attn-sum",),
+    "adapter_attention_pooler": ("rank-attn",),
+}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Shape and variant of a ranking-aware adapter.
+
+    ``AdapterConfig(**adapter_cfg)`` accepts the ``adapter_cfg`` dict of the
+    authors' model configs as is; the keys of theirs that select behaviour
+    (``cross_attn_method``, ``reg_token_method``, ``adapter_attention_pooler``)
+    are checked against the one implementation they released, and any other
+    unknown key is kept in :attr:`extra` so a config survives a round trip.
+
+    Attributes:
+        d_model: Width D of the adapter; image tokens and text tokens must both
+            have this width (the backbone's ``embed_dim`` for image tokens, the
+            text tower's width for text tokens).
+        num_layers: Layers of the cross-modal block and of the post-fusion encoder.
+        n_head: Attention heads everywhere in the adapter.
+        num_learnable_text_tokens: K learnable scalars prepended to the text
+            tokens (each broadcast to a D-vector); 0 disables them.
+        n_reg_tokens: Q query tokens of the ranking-aware attention.
+        variant: ``"full"``, ``"ranking-head"`` or ``"ltr"`` (see the module doc).
+        dropout: Dropout of the post-fusion encoder layers (training only).
+        cross_attn_method: The authors' switch; only ``"cross-qkv"`` exists.
+        reg_token_method: The authors' switch; only ``"cross-attn-sum"`` exists.
+        adapter_attention_pooler: The authors' switch; only ``"rank-attn"`` exists.
+        extra: Other keys found in a config, kept verbatim.
+    """
+
+    d_model: int = 768
+    num_layers: int = 2
+    n_head: int = 8
+    num_learnable_text_tokens: int = 32
+    n_reg_tokens: int = 16
+    variant: Variant = "full"
+    dropout: float = 0.1
+    cross_attn_method: str = "cross-qkv"
+    reg_token_method: str = "cross-attn-sum"
+    adapter_attention_pooler: str = "rank-attn"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __init__(self, **kwargs: Any) -> None:
+        # A hand-written __init__ so that unknown keys of the authors' configs
+        # land in ``extra`` instead of raising TypeError.
+        names = {f.name for f in fields(self)} - {"extra"}
+        extra = dict(kwargs.pop("extra", None) or {})
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            value = kwargs.pop(f.name) if f.name in kwargs else f.default
+            object.__setattr__(self, f.name, value)
+        extra.update({k: v for k, v in kwargs.items() if k not in names})
+        object.__setattr__(self, "extra", extra)
+        self._validate()
+
+    def _validate(self) -> None:
+        problems = []
+        for name in ("d_model", "num_layers", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive integer, not {value!r}")
+        for name in ("num_learnable_text_tokens", "n_reg_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                problems.append(f"{name} must be a non-negative integer, not {value!r}")
+        if not problems and self.d_model % self.n_head:
+            problems.append(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if self.variant not in VARIANTS:
+            problems.append(f"variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
+        if self.variant == "full" and self.n_reg_tokens < 1:
+            problems.append('variant "full" needs n_reg_tokens >= 1 (the ranking-aware queries)')
+        if not 0.0 <= float(self.dropout) < 1.0:
+            problems.append(f"dropout must be in [0, 1), not {self.dropout!r}")
+        for name, supported in _SUPPORTED_AUTHOR_SWITCHES.items():
+            if getattr(self, name) not in supported:
+                problems.append(
+                    f"{name}={getattr(self, name)!r} is not implemented "
+                    f"(imgrank implements {', '.join(supported)}, the released model)"
+                )
+        if problems:
+            raise ModelError("invalid adapter config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict that :class:`AdapterConfig` accepts back (``extra`` flattened in)."""
+        data = asdict(self)
+        extra = data.pop("extra")
+        data.update(extra)
+        return data
+
+
+class _MLP(nn.Sequential):
+    """D -> 4D -> D with GELU; the module names are the authors' keys."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(
+            OrderedDict(
+                [("c_fc", nn.Linear(width, 4 * width)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(4 * width, width))]
+            )
+        )
+
+
+class _SelfAttentionBlock(nn.Module):
+    """Pre-norm transformer block over the image tokens."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = _MLP(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class _CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention: image tokens attend to the (normalised) text tokens."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1_kv = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = _MLP(width)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        kv = self.ln_1_kv(text)
+        x = x + self.attn(self.ln_1(x), kv, kv, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class _CrossModalBlock(nn.Module):
+    """``num_layers`` x (self-attention block, cross-attention block), then LayerNorm and projection."""
+
+    def __init__(self, width: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(_SelfAttentionBlock(width, heads) for _ in range(layers))
+        self.cross_attn = nn.ModuleList(_CrossAttentionBlock(width, heads) for _ in range(layers))
+        self.ln_final = nn.LayerNorm(width)
+        self.projection = nn.Parameter(torch.empty(width, width))
+        nn.init.normal_(self.projection, std=width**-0.5)
+
+    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        x = image_tokens
+        for block, cross in zip(self.resblocks, self.cross_attn, strict=True):
+            x = cross(block(x), text_tokens)
+        return self.ln_final(x) @ self.projection
+
+
+class _Head(nn.Module):
+    """An MLP head ending in one logit; ``pre_linear_block`` and ``output_head`` are the authors' names."""
+
+    def __init__(self, layers: list[nn.Module], width: int) -> None:
+        super().__init__()
+        self.pre_linear_block = nn.Sequential(*layers)
+        self.output_head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_head(self.pre_linear_block(x))
+
+
+def _regression_head(width: int) -> _Head:
+    # Linear -> LayerNorm -> ReLU, twice (indices 0..5 are the authors' keys).
+    return _Head(
+        [nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU(),
+         nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU()],
+        width,
+    )  # fmt: skip
+
+
+def _pair_head(width: int) -> _Head:
+    # LayerNorm, then Linear -> LayerNorm -> ReLU three times (indices 0..9).
+    layers: list[nn.Module] = [nn.LayerNorm(width)]
+    for _ in range(3):
+        layers += [nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU()]
+    return _Head(layers, width)
+
+
+class _RankingAwareAttention(nn.Module):
+    """Learned queries attend jointly over the tokens of two images; outputs the difference.
+
+    For the ordered pair (i, j) the keys of both images are concatenated and one
+    softmax runs over all 2P positions; the pair feature is what the queries
+    pooled from i minus what they pooled from j. Materialising the (N*N, 2P)
+    attention would cost O(N^2 P) memory, so this uses an exact factorisation:
+    with ``lse_i`` the log-sum-exp of the query-key logits over image i's
+    tokens and ``o_i`` the output of a softmax over image i alone, the joint
+    softmax gives image i the share ``w_ij = sigmoid(lse_i - lse_j)`` of the
+    attention mass, so the pair feature is ``w_ij * o_i - (1 - w_ij) * o_j``.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.kv_proj = nn.Linear(width, width)  # one projection gives keys and values
+        self.ln_q = nn.LayerNorm(width)
+        self.ln_kv = nn.LayerNorm(width)
+        self.out_proj = nn.Linear(width, width)
+
+    def pooled(self, queries: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image attention: ``(o (N, H, Q, hd), lse (N, H, Q))``."""
+        n, p, width = tokens.shape
+        hd = width // self.heads
+        q = self.ln_q(self.q_proj(queries))  # (Q, D)
+        kv = self.ln_kv(self.kv_proj(tokens))  # (N, P, D)
+        q = q.reshape(-1, self.heads, hd).transpose(0, 1)  # (H, Q, hd)
+        kv = kv.reshape(n, p, self.heads, hd).transpose(1, 2)  # (N, H, P, hd)
+        logits = torch.matmul(q.unsqueeze(0), kv.transpose(-1, -2)) * (hd**-0.5)  # (N, H, Q, P)
+        lse = torch.logsumexp(logits, dim=-1)  # (N, H, Q)
+        weights = torch.exp(logits - lse.unsqueeze(-1))
+        return torch.matmul(weights, kv), lse
+
+    def pair_features(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(N*N, D): the pair features summed over the Q queries, after ``out_proj``."""
+        n = tokens.shape[0]
+        o, lse = self.pooled(queries, tokens)  # (N, H, Q, hd), (N, H, Q)
+        share = torch.sigmoid(lse.unsqueeze(1) - lse.unsqueeze(0))  # (N_i, N_j, H, Q): i's share
+        # sum_q share_ij * o_i - sum_q (1 - share_ij) * o_j, without an (N, N, H, Q, hd) tensor.
+        from_i = torch.einsum("ijhq,ihqd->ijhd", share, o)
+        from_j = torch.einsum("ijhq,jhqd->ijhd", 1.0 - share, o)
+        diff = (from_i - from_j).reshape(n * n, -1)  # heads merged: (N*N, D)
+        # out_proj is applied per query token and then summed over the Q tokens:
+        # W (sum_q f_q) + Q * b, the same numbers without the (N*N, Q, D) tensor.
+        num_queries = queries.shape[0]
+        return nn.functional.linear(diff, self.out_proj.weight) + num_queries * self.out_proj.bias
+
+
+class RankingAdapter(nn.Module):
+    """The ranking-aware adapter.
+
+    Inputs are the frozen backbone's tokens: ``image_tokens`` (N, P, D) and
+    ``text_tokens`` (N, L, D) or (1, L, D) for one prompt shared by the batch.
+    """
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        width, heads, layers = config.d_model, config.n_head, config.num_layers
+        if config.num_learnable_text_tokens:
+            self.learnable_text_tokens = nn.Parameter(torch.zeros(1, config.num_learnable_text_tokens))
+            nn.init.normal_(self.learnable_text_tokens, std=0.02)
+        else:
+            self.learnable_text_tokens = None
+        if config.variant == "full":
+            self.reg_tokens = nn.Parameter(torch.empty(config.n_reg_tokens, width))
+            nn.init.normal_(self.reg_tokens, std=0.02)
+        self.crossmodal_block = _CrossModalBlock(width, heads, layers)
+        encoder_layer = nn.TransformerEncoderLayer(
+            d_model=width, nhead=heads, dim_feedforward=width, dropout=config.dropout, batch_first=True
+        )
+        self.post_fuse_block = nn.TransformerEncoder(
+            encoder_layer, num_layers=layers, enable_nested_tensor=False
+        )
+        if config.variant == "full":
+            self.reg_token_pooler = _RankingAwareAttention(width, heads)
+        if config.variant != "ltr":
+            self.pair_regressor = _pair_head(width)
+        self.reg_ln = nn.LayerNorm(width)
+        self.regressor = _regression_head(width)
+
+    def _check_inputs(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        width = self.config.d_model
+        if image_tokens.ndim != 3 or image_tokens.shape[-1] != width:
+            raise ModelError(
+                f"the adapter expects image tokens (N, P, {width}); got {tuple(image_tokens.shape)}. "
+                "The backbone does not produce the tokens this adapter was trained on."
+            )
+        if text_tokens.ndim != 3 or text_tokens.shape[-1] != width:
+            raise ModelError(
+                f"the adapter expects text tokens (N, L, {width}); got {tuple(text_tokens.shape)}. "
+                "The backbone's text tower is not the one this adapter was trained on."
+            )
+        n = image_tokens.shape[0]
+        if text_tokens.shape[0] == 1 and n != 1:
+            text_tokens = text_tokens.expand(n, -1, -1)
+        elif text_tokens.shape[0] != n:
+            raise ModelError(
+                f"{n} images but {text_tokens.shape[0]} prompts: pass one prompt per image or one for all"
+            )
+        return text_tokens
+
+    def fuse(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """Cross-modal fusion and the post-fusion encoder: Z (N, P, D)."""
+        text_tokens = self._check_inputs(image_tokens, text_tokens)
+        if self.learnable_text_tokens is not None:
+            n, width = text_tokens.shape[0], self.config.d_model
+            # Each learnable scalar becomes a whole D-vector of that value.
+            learned = self.learnable_text_tokens.to(text_tokens.dtype)
+            learned = learned.unsqueeze(-1).expand(n, -1, width)
+            text_tokens = torch.cat([learned, text_tokens], dim=1)
+        fused = self.crossmodal_block(image_tokens, text_tokens)
+        return self.post_fuse_block(fused)
+
+    def _pooled(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.reg_ln(fused).sum(dim=1)  # (N, D)
+
+    def score(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """Regression scores only (N, 1): what sorting needs, linear in N."""
+        return self.regressor(self._pooled(self.fuse(image_tokens, text_tokens)))
+
+    def forward(
+        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (N, 1) and pair logits (N*N, 1), row ``i*N + j`` for "i above j"."""
+        fused = self.fuse(image_tokens, text_tokens)
+        pooled = self._pooled(fused)
+        scores = self.regressor(pooled)
+        n = scores.shape[0]
+        variant = self.config.variant
+        if variant == "full":
+            pair = self.pair_regressor(self.reg_token_pooler.pair_features(self.reg_tokens, fused))
+        elif variant == "ranking-head":
+            pair = self.pair_regressor((pooled.unsqueeze(1) - pooled.unsqueeze(0)).reshape(n * n, -1))
+        else:  # "ltr": the pairwise loss acts on score differences
+            pair = (scores.reshape(n, 1) - scores.reshape(1, n)).reshape(n * n, 1)
+        return scores, pair
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable numbers in a module (shown by ``imgrank adapter info``)."""
+    return int(sum(math.prod(p.shape) for p in module.parameters()))
