@@ -218,3 +218,12 @@ def test_load_pixels_is_normalised_like_torchvision(tmp_path: Path) -> None:
     )(Image.open(path).convert("RGB"))
     ours = load_pixels(path, config, draft=False)
     assert np.abs(ours - reference.numpy()).max() < 1e-5
+
+
+def test_heic_is_read_when_the_heif_extra_is_installed(tmp_path: Path) -> None:
+    pillow_heif = pytest.importorskip("pillow_heif", reason="the heif extra (pillow-heif) is not installed")
+    pillow_heif.register_heif_opener()
+    _save(tmp_path / "phone.HEIC", _half_red_half_blue())
+    (found,) = find_images(tmp_path)
+    assert found.name == "phone.HEIC"
+    assert load_pixels(found, CROP).shape == (3, 32, 32)
