@@ -40,6 +40,9 @@ def _root(
 from imgrank.cli import sort_cmd  # noqa: E402
 
 app.command("sort")(sort_cmd.sort)
+from imgrank.cli import export_cmd  # noqa: E402
+
+app.command("export")(export_cmd.export)
 
 
 def main() -> None:

@@ -1,0 +1,70 @@
+"""``imgrank export``: write the backbone (and an adapter) as ONNX for ``sort --runtime onnx``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from imgrank.cli.common import err_console, handle_errors, warn
+
+
+@handle_errors
+def export(
+    out: Path = typer.Option(..., "--out", "-o", help="New (or empty) folder to write the export to."),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", help="open_clip model name, or path to a model config JSON."
+    ),
+    pretrained: str = typer.Option(
+        DEFAULT_PRETRAINED,
+        "--pretrained",
+        help="open_clip pretrained tag, a local .safetensors/.pt weights file, or 'none' "
+        "(random weights, for tests).",
+    ),
+    adapter: Optional[Path] = typer.Option(
+        None,
+        "--adapter",
+        help="Adapter model folder to export too (its backbone replaces --model/--pretrained).",
+    ),
+    opset: int = typer.Option(17, "--opset", help="ONNX operator set version."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+) -> None:
+    """Export the model to ONNX so `imgrank sort --runtime onnx --onnx DIR` runs without torch.
+
+    Writes the image encoder, the text encoder, the adapter's scoring head
+    (with --adapter), the tokenizer and the preprocessing settings to --out.
+    Every graph passes onnx.checker and is compared with torch on random
+    inputs; an export drifting more than 1e-4 relative is refused (exit code 4)
+    and nothing is written.
+
+    Examples:
+
+        imgrank export --out ./vit-b-32-onnx
+
+        imgrank export --out ./quality-onnx --adapter ./my-quality-adapter
+    """
+    from imgrank.onnx_export import export_model
+
+    def progress(step: str) -> None:
+        if not quiet:
+            err_console.print(f"exporting {escape(step)}...")
+
+    result = export_model(
+        out,
+        model=model,
+        pretrained=pretrained,
+        adapter_dir=adapter,
+        opset=opset,
+        warn=lambda message: warn(message, quiet=quiet),
+        progress=progress,
+    )
+    if not quiet:
+        worst = max(result.drift.values(), default=0.0)
+        err_console.print(
+            f"exported {len(result.files)} files to {escape(str(result.folder))} "
+            f"(largest drift from torch {worst:.1e} relative); sort with "
+            f"`imgrank sort FOLDER --by ... --runtime onnx --onnx {escape(str(result.folder))}`"
+        )

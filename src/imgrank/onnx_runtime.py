@@ -1,0 +1,541 @@
+"""Sorting with onnxruntime from a folder written by ``imgrank export``: no torch at all.
+
+The folder holds ONNX graphs (image encoder, text encoder and, with an
+adapter, the adapter's scoring head), the CLIP tokenizer as a ``tokenizers``
+``tokenizer.json``, and a manifest (:data:`MANIFEST_NAME`) with the
+preprocessing settings and what the graphs expect. This module turns it into
+the objects the pipeline already knows:
+
+* :class:`OnnxImageEncoder` follows :class:`imgrank.pipeline.ImageEncoder`
+  (``preprocess``, ``fingerprint``, ``encode_pixels``), so the decode pool, the
+  cache and the writers run unchanged;
+* :func:`zero_shot_scorer` builds the numpy-only
+  :class:`imgrank.scoring.ZeroShotScorer` from the ONNX text encoder;
+* :class:`OnnxAdapterScorer` scores visual tokens with the exported adapter head.
+
+Nothing here imports torch or open_clip, directly or through another imgrank
+module: a machine with only the ``onnx`` extra's packages can sort (a test runs
+a sort with torch made unimportable). onnxruntime, onnx and tokenizers are
+imported inside functions so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from imgrank.backbone import PreprocessConfig
+from imgrank.errors import ModelError, UsageError
+from imgrank.scoring import FeatureBatch, ZeroShotScorer, antonym_pair
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+#: The manifest every exported folder carries; its presence marks an imgrank export.
+MANIFEST_NAME = "imgrank-onnx.json"
+#: Bumped when the folder layout changes in a way older readers cannot follow.
+FORMAT_VERSION = 1
+FORMAT_NAME = "imgrank-onnx"
+
+IMAGE_FILE = "image_encoder.onnx"
+TEXT_FILE = "text_encoder.onnx"
+ADAPTER_FILE = "adapter_head.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+#: CLIP caps its temperature at 100; the torch path does the same.
+MAX_LOGIT_SCALE = 100.0
+
+#: Short names accepted by ``--providers`` for onnxruntime's execution providers.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+
+
+def _missing_runtime(package: str) -> ModelError:
+    return ModelError(
+        f"the ONNX runtime path needs the Python package {package!r}, which is not installed. "
+        "Install it with `pip install 'imgrank[onnx]'` (CPU) or `pip install 'imgrank[gpu]'` "
+        "(NVIDIA GPUs), or sort with --runtime torch."
+    )
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise _missing_runtime("onnxruntime") from None
+    return onnxruntime
+
+
+# --------------------------------------------------------------------------- text
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """Clean a prompt exactly as open_clip's default tokenizer does before BPE.
+
+    ftfy repairs mojibake and straightens quotes, HTML entities are unescaped
+    twice, whitespace runs collapse to one space and the text is lower-cased.
+    The exported ``tokenizer.json`` repeats the whitespace, quote and
+    lower-casing steps in its normalizer (so other programs that only read
+    the JSON get nearly the same ids), but ftfy and HTML unescaping cannot be
+    expressed there, so they run here. When ftfy is missing (it comes with the
+    ``onnx`` extra) only the rare texts ftfy would change tokenize differently.
+    """
+    try:
+        import ftfy
+    except ImportError:
+        pass
+    else:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return " ".join(text.split()).lower()
+
+
+class ClipTokenizer:
+    """The exported CLIP BPE tokenizer, read with the ``tokenizers`` library.
+
+    Produces the same ids as open_clip's ``SimpleTokenizer``: start token,
+    BPE tokens, end token, truncated to the context length (the last kept
+    position becomes the end token) and padded with 0.
+    """
+
+    def __init__(self, path: Path, context_length: int) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise _missing_runtime("tokenizers") from None
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
+            raise ModelError(
+                f"cannot read the tokenizer {path}: {exc}. Export the model again with "
+                "`imgrank export`."
+            ) from None
+        self.context_length = context_length
+        # The padding and truncation saved in the file already say this; setting them again
+        # guards against a hand-edited tokenizer.json producing ids of the wrong length.
+        self._tokenizer.enable_truncation(context_length)
+        self._tokenizer.enable_padding(length=context_length, pad_id=0, pad_token="!")
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, context_length) int64 token ids."""
+        encodings = self._tokenizer.encode_batch([clean_text(t) for t in texts])
+        return np.asarray([e.ids for e in encodings], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- folder safety
+
+
+def _iter_graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of a graph: initializers, sparse ones, and node attributes, recursively."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _iter_graph_tensors(attribute.g)
+            for sub in attribute.graphs:
+                yield from _iter_graph_tensors(sub)
+
+
+def _inside(folder: Path, relative: str, *, what: str, source: Path) -> Path:
+    """Resolve ``relative`` against ``folder`` and refuse any path that leaves it."""
+    if not relative or os.path.isabs(relative) or re.match(r"^[A-Za-z]:", relative):
+        raise ModelError(
+            f"{source}: {what} {relative!r} is not a path relative to its folder; refusing to "
+            "read it (an ONNX model must keep its files inside its own folder)"
+        )
+    root = folder.resolve()
+    target = (folder / relative).resolve()  # follows symbolic links, so links out are caught too
+    if target != root and root not in target.parents:
+        raise ModelError(
+            f"{source}: {what} {relative!r} points outside {folder} (to {target}); refusing "
+            "to read it. Only use ONNX folders written by `imgrank export` or from people you "
+            "trust."
+        )
+    return target
+
+
+def check_external_data(model_path: Path) -> list[Path]:
+    """Refuse an ONNX file whose external-data tensors live outside its folder.
+
+    ONNX files above 2 GB keep weights in side files named inside the model;
+    a crafted name (absolute, ``../``, or a symbolic link out) would make the
+    runtime read any file on the machine. Only the graph structure is parsed
+    here (``load_external_data=False``), not the side files.
+
+    Returns:
+        The external-data files the model refers to (all inside its folder).
+
+    Raises:
+        ModelError: the file cannot be parsed, or a location leaves the folder.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise _missing_runtime("onnx") from None
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf errors mean a broken file
+        raise ModelError(
+            f"{model_path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
+            "export it again with `imgrank export`"
+        ) from None
+    folder = model_path.parent
+    found: dict[Path, None] = {}
+    for tensor in _iter_graph_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = _inside(folder, location, what="external-data location", source=model_path)
+        found[target] = None
+    return list(found)
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def resolve_providers(requested: str | Sequence[str] | None = None) -> list[str]:
+    """Choose onnxruntime execution providers, in order of preference.
+
+    Args:
+        requested: ``None`` or ``"auto"`` for CUDA when this onnxruntime build
+            offers it, else CPU; otherwise provider names, comma-separated or
+            as a list, either onnxruntime's (``CUDAExecutionProvider``) or short
+            (``cuda``, ``cpu``, ``tensorrt``, ``coreml``, ``directml``...).
+
+    Raises:
+        UsageError: a name is unknown or not offered by the installed onnxruntime.
+    """
+    ort = _import_onnxruntime()
+    available = list(ort.get_available_providers())
+    if requested is None or (isinstance(requested, str) and requested.strip().lower() in ("", "auto")):
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+    names = requested.split(",") if isinstance(requested, str) else list(requested)
+    chosen: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            hint = ""
+            if full == "CUDAExecutionProvider":
+                hint = (
+                    " For NVIDIA GPUs install the gpu extra (`pip install 'imgrank[gpu]'`, "
+                    "which brings onnxruntime-gpu instead of onnxruntime)."
+                )
+            raise UsageError(
+                f"--providers {name}: this onnxruntime does not offer {full}; available here: "
+                f"{', '.join(available)}.{hint}"
+            )
+        if full not in chosen:
+            chosen.append(full)
+    if not chosen:
+        raise UsageError("--providers: give at least one provider, e.g. cpu or cuda,cpu")
+    return chosen
+
+
+# --------------------------------------------------------------------------- the exported folder
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """One ONNX graph of an export, as the manifest describes it."""
+
+    path: Path
+    sha256: str
+
+
+class OnnxModel:
+    """An exported folder: its manifest, tokenizer and onnxruntime sessions (built lazily).
+
+    Args:
+        folder: a folder written by ``imgrank export``.
+        providers: see :func:`resolve_providers`.
+        intra_op_threads: threads per session; 0 lets onnxruntime use every core.
+
+    Raises:
+        ModelError: not an export, a newer format, missing or unsafe files.
+        UsageError: a provider that this onnxruntime does not offer.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        providers: str | Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+    ) -> None:
+        self.folder = Path(folder).expanduser()
+        self.manifest = read_manifest(self.folder)
+        self.requested_providers = resolve_providers(providers)
+        self._explicit_providers = not (
+            providers is None or (isinstance(providers, str) and providers.strip().lower() in ("", "auto"))
+        )
+        self._threads = intra_op_threads
+        self._sessions: dict[str, onnxruntime.InferenceSession] = {}
+        self._tokenizer: ClipTokenizer | None = None
+        files = self.manifest["files"]
+        self.graphs: dict[str, GraphFile] = {}
+        for kind in ("image", "text", "adapter"):
+            entry = files.get(kind)
+            if entry is None:
+                continue
+            path = _inside(self.folder, entry["path"], what=f"{kind} graph", source=self.manifest_path)
+            if not path.is_file():
+                raise ModelError(
+                    f"{self.folder} lacks {entry['path']} (named in {MANIFEST_NAME}); the export "
+                    "is incomplete: run `imgrank export` again"
+                )
+            self.graphs[kind] = GraphFile(path=path, sha256=str(entry.get("sha256", "")))
+        for kind in ("image", "text"):
+            if kind not in self.graphs:
+                raise ModelError(f"{self.manifest_path} names no {kind} encoder; export again")
+        self.preprocess = PreprocessConfig.from_dict(self.manifest["preprocess"])
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / MANIFEST_NAME
+
+    @property
+    def has_adapter(self) -> bool:
+        return "adapter" in self.graphs
+
+    @property
+    def has_image_tokens(self) -> bool:
+        return bool(self.manifest.get("image_tokens", False))
+
+    @property
+    def context_length(self) -> int:
+        return int(self.manifest.get("context_length", 77))
+
+    @property
+    def logit_scale(self) -> float:
+        return min(float(self.manifest["logit_scale"]), MAX_LOGIT_SCALE)
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        if self._tokenizer is None:
+            relative = self.manifest["files"].get("tokenizer", TOKENIZER_FILE)
+            path = _inside(self.folder, relative, what="tokenizer", source=self.manifest_path)
+            if not path.is_file():
+                raise ModelError(f"{self.folder} lacks its tokenizer {relative}; export again")
+            self._tokenizer = ClipTokenizer(path, self.context_length)
+        return self._tokenizer
+
+    def session(self, kind: str) -> onnxruntime.InferenceSession:
+        """The onnxruntime session of one graph (``image``, ``text`` or ``adapter``)."""
+        if kind in self._sessions:
+            return self._sessions[kind]
+        graph = self.graphs.get(kind)
+        if graph is None:
+            raise ModelError(f"{self.folder} holds no {kind} graph")
+        check_external_data(graph.path)
+        ort = _import_onnxruntime()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self._threads
+        # Errors reach the user as ModelError; onnxruntime's own warnings (e.g. about
+        # nodes placed on the CPU) would only clutter the output.
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(
+                str(graph.path), sess_options=options, providers=self.requested_providers
+            )
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ModelError(
+                f"onnxruntime cannot load {graph.path}: {str(exc).strip().splitlines()[0]}"
+            ) from None
+        active = session.get_providers()
+        missing = [p for p in self.requested_providers if p not in active]
+        if missing and self._explicit_providers:
+            raise ModelError(
+                f"onnxruntime could not start {', '.join(missing)} for {graph.path.name} (it "
+                f"runs on {', '.join(active)}); check the GPU driver and the CUDA/cuDNN libraries "
+                "onnxruntime-gpu needs, or pass --providers cpu"
+            )
+        self._sessions[kind] = session
+        return session
+
+    @property
+    def active_providers(self) -> list[str]:
+        """Providers the image session actually runs on (after any fallback)."""
+        return list(self.session("image").get_providers())
+
+    def image_encoder(self) -> OnnxImageEncoder:
+        return OnnxImageEncoder(self)
+
+    def encode_text(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(pooled (N, E), tokens (N, L, W))`` of prompts, float32."""
+        ids = self.tokenizer(texts)
+        pooled, tokens = self.session("text").run(["pooled", "tokens"], {"input_ids": ids})
+        return np.asarray(pooled, dtype=np.float32), np.asarray(tokens, dtype=np.float32)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Read and validate an export's manifest.
+
+    Raises:
+        ModelError: the folder is not an imgrank ONNX export, or one this version cannot read.
+    """
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ModelError(f"--onnx {folder}: no such folder; create one with `imgrank export --out {folder}`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(
+            f"{folder} is not an imgrank ONNX export (it has no {MANIFEST_NAME}); create one with "
+            f"`imgrank export --out DIR`"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} cannot be read: {exc}; export the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ModelError(f"{path} is not an imgrank ONNX manifest; export the model again")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelError(
+            f"{path} has format version {version!r}, newer than this imgrank reads "
+            f"({FORMAT_VERSION}); upgrade imgrank or export again with this version"
+        )
+    for key in ("files", "preprocess", "logit_scale"):
+        if key not in manifest:
+            raise ModelError(f"{path} lacks {key!r}; export the model again")
+    return manifest
+
+
+# --------------------------------------------------------------------------- pipeline objects
+
+
+class OnnxImageEncoder:
+    """The exported image tower, following :class:`imgrank.pipeline.ImageEncoder`."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model = model
+        self.preprocess: PreprocessConfig = model.preprocess
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the features: the exported image graph's bytes and the preprocessing.
+
+        The digest the export recorded stands for the bytes; the file's size
+        and modification time are added so a graph replaced by hand (without
+        a new manifest) never reuses features cached for the old one.
+        """
+        if self._fingerprint is None:
+            graph = self.model.graphs["image"]
+            digest = graph.sha256
+            if not digest:  # a hand-written manifest: hash the bytes ourselves
+                digest = _sha256_file(graph.path)
+            stat = graph.path.stat()
+            blob = json.dumps(
+                {
+                    "runtime": "onnx",
+                    "image_graph": digest,
+                    "size": stat.st_size,
+                    "mtime_ns": stat.st_mtime_ns,
+                    "pp": self.preprocess.to_dict(),
+                },
+                sort_keys=True,
+            ).encode()
+            self._fingerprint = hashlib.sha256(blob).hexdigest()[:20]
+        return self._fingerprint
+
+    def encode_pixels(self, pixels: np.ndarray, *, tokens: bool = False) -> FeatureBatch:
+        """Features of normalised pixels (N, 3, S, S), as float32 numpy arrays."""
+        if tokens and not self.model.has_image_tokens:
+            raise ModelError(
+                f"the image encoder in {self.model.folder} has no visual-token output, which "
+                "adapters need (its model pools its features internally)"
+            )
+        session = self.model.session("image")
+        feed = {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)}
+        if tokens:
+            pooled, grid = session.run(["pooled", "tokens"], feed)
+            return FeatureBatch(
+                pooled=np.asarray(pooled, dtype=np.float32), tokens=np.asarray(grid, dtype=np.float32)
+            )
+        (pooled,) = session.run(["pooled"], feed)
+        return FeatureBatch(pooled=np.asarray(pooled, dtype=np.float32))
+
+
+def zero_shot_scorer(model: OnnxModel, prompt: str, against: str | None = None) -> ZeroShotScorer:
+    """The zero-shot antonym-pair scorer, its texts encoded by the ONNX text tower."""
+    positive, negative = antonym_pair(prompt, against)
+    pooled, _tokens = model.encode_text([positive, negative])
+    return ZeroShotScorer(pooled, model.logit_scale, positive, negative)
+
+
+class OnnxAdapterScorer:
+    """Scores images with the exported ranking-aware adapter head for one prompt.
+
+    The prompt's text tokens are computed once with the ONNX text tower; each
+    batch of visual tokens then goes through the head, whose ``scores`` output
+    is the adapter's per-image regression score.
+    """
+
+    needs_tokens = True
+
+    def __init__(self, model: OnnxModel, prompt: str) -> None:
+        if not model.has_adapter:
+            raise UsageError(
+                f"{model.folder} was exported without an adapter; export with "
+                "`imgrank export --adapter DIR` or sort zero-shot"
+            )
+        self.model = model
+        self.prompt = prompt
+        adapter = model.manifest.get("adapter") or {}
+        label = adapter.get("name") or "adapter"
+        self.name = f'ranking adapter {label} ("{prompt}", onnx)'
+        _pooled, text_tokens = model.encode_text([prompt])
+        self._text_tokens = np.ascontiguousarray(text_tokens[:1], dtype=np.float32)
+
+    def score(self, batch: FeatureBatch) -> np.ndarray:
+        if batch.tokens is None:
+            raise ModelError("the adapter needs visual tokens, but the batch carries none")
+        (scores,) = self.model.session("adapter").run(
+            ["scores"],
+            {
+                "image_tokens": np.ascontiguousarray(batch.tokens, dtype=np.float32),
+                "text_tokens": self._text_tokens,
+            },
+        )
+        return np.asarray(scores, dtype=np.float64).reshape(-1)

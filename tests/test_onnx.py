@@ -1,0 +1,332 @@
+"""ONNX export and the onnxruntime path: tokenizer ids, parity with torch, safety, no torch import."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from conftest import PHOTOS, SHARED, TINY_MODEL
+from imgrank.backbone import BackboneSpec, load_backbone
+from imgrank.cli import app
+from imgrank.errors import ModelError, UnsafeOperationError, UsageError
+from imgrank.onnx_export import (
+    TOKENIZER_PROBES,
+    build_clip_tokenizer,
+    export_backbone,
+    relative_drift,
+)
+from imgrank.onnx_runtime import (
+    IMAGE_FILE,
+    MANIFEST_NAME,
+    ClipTokenizer,
+    OnnxModel,
+    check_external_data,
+    clean_text,
+    resolve_providers,
+    zero_shot_scorer,
+)
+from imgrank.pipeline import score_images
+from imgrank.ranking import rank_scores
+from imgrank.scoring import ZeroShotScorer
+
+runner = CliRunner()
+REFERENCE = SHARED / "reference" / "vit_tiny"
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():  # type: ignore[no-untyped-def]
+    return load_backbone(BackboneSpec(model=str(TINY_MODEL), pretrained="none"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_backbone, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("export") / "tiny-onnx"
+    export_backbone(tiny_backbone, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizers(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """(ours read back from tokenizer.json, open_clip's SimpleTokenizer)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    build_clip_tokenizer(77).save(str(path))
+    return ClipTokenizer(path, 77), SimpleTokenizer(context_length=77)
+
+
+@pytest.fixture
+def many_photos(tmp_path: Path) -> Path:
+    """The four real photos plus crops, flips and tints of them: 16 distinct images."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for photo in sorted(PHOTOS.glob("*.jpg")):
+        with Image.open(photo) as image:
+            image = image.convert("RGB")
+            w, h = image.size
+            variants = {
+                "orig": image,
+                "crop": image.crop((w // 4, h // 4, w * 3 // 4, h * 3 // 4)),
+                "flip": ImageOps.mirror(image),
+                "dark": ImageEnhance.Brightness(image).enhance(0.4),
+            }
+            for name, variant in variants.items():
+                variant.save(folder / f"{photo.stem}-{name}.png")
+    return folder
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+
+
+def test_tokenizer_json_gives_open_clip_ids_on_probe_texts(clip_tokenizers) -> None:  # type: ignore[no-untyped-def]
+    ours, theirs = clip_tokenizers
+    probes = list(TOKENIZER_PROBES)
+    expected = theirs(probes).numpy()
+    got = ours(probes)
+    assert got.shape == (len(probes), 77) and got.dtype == np.int64
+    for text, a, b in zip(probes, got, expected, strict=True):
+        assert a.tolist() == b.tolist(), text
+    # The long text is truncated with the end token last, and short ones are padded with 0.
+    long_row = got[probes.index("word " * 120)]
+    assert long_row[0] == 49406 and long_row[-1] == 49407 and (long_row != 0).all()
+    assert got[probes.index("image quality")][4:].tolist() == [0] * 73
+
+
+# Assigned characters only (Python's Unicode tables): open_clip's `regex` module and the Rust
+# regex engine of `tokenizers` follow different Unicode versions, so they may classify code
+# points that no version of Python's unicodedata knows differently. Such text is not a prompt.
+_ASSIGNED = st.characters(blacklist_categories=("Cn", "Co", "Cs"))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.text(alphabet=_ASSIGNED, max_size=60)
+    | st.from_regex(r"[A-Za-z0-9 ,.'!?\t\n-]{0,80}", fullmatch=True)
+)
+def test_tokenizer_json_matches_open_clip_on_random_text(clip_tokenizers, text: str) -> None:  # type: ignore[no-untyped-def]
+    ours, theirs = clip_tokenizers
+    assert ours([text])[0].tolist() == theirs([text])[0].tolist()
+
+
+def test_tokenizer_json_alone_needs_no_python_cleaning_for_plain_text(clip_tokenizers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Programs that only read tokenizer.json (no ftfy step) get the same ids on ordinary text."""
+    from tokenizers import Tokenizer
+
+    _ours, theirs = clip_tokenizers
+    path = tmp_path / "tokenizer.json"
+    build_clip_tokenizer(77).save(str(path))
+    raw = Tokenizer.from_file(str(path))
+    for text in ["Image Quality", "  a   PHOTO\tof high\nquality. ", "don't “stop” ‘now’", "Café 42%"]:
+        assert raw.encode(text).ids == theirs([text])[0].tolist(), text
+
+
+def test_clean_text_matches_open_clip_cleaning() -> None:
+    from open_clip.tokenizer import _clean_lower
+
+    for text in ["  Hello   WORLD ", "&amp;lt;b&amp;gt;", "ΣΑΣ", "ﬁne ＡＢＣ", "“x”"]:
+        assert clean_text(text) == _clean_lower(text)
+
+
+# --- export and parity ------------------------------------------------------------------------
+
+
+def test_export_writes_checked_graphs_with_a_manifest(tiny_export: Path, tiny_backbone) -> None:  # type: ignore[no-untyped-def]
+    names = sorted(p.name for p in tiny_export.iterdir())
+    assert names == ["image_encoder.onnx", MANIFEST_NAME, "text_encoder.onnx", "tokenizer.json"]
+    manifest = json.loads((tiny_export / MANIFEST_NAME).read_text())
+    assert manifest["preprocess"] == tiny_backbone.preprocess.to_dict()
+    assert manifest["context_length"] == 77 and manifest["image_tokens"] is True
+    assert 0 < max(manifest["parity"]["drift"].values()) <= 1e-4
+    assert manifest["adapter"] is None
+    # No work folder is left beside the export.
+    assert [p.name for p in tiny_export.parent.iterdir()] == [tiny_export.name]
+
+
+def test_onnx_features_match_torch_for_any_batch_size(tiny_export: Path, tiny_backbone) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    encoder = OnnxModel(tiny_export, providers="cpu").image_encoder()
+    assert encoder.preprocess == tiny_backbone.preprocess
+    rng = np.random.default_rng(1)
+    for batch in (1, 5):
+        pixels = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        ours = encoder.encode_pixels(pixels, tokens=True)
+        theirs = tiny_backbone.encode_pixels(pixels, tokens=True)
+        assert ours.pooled.shape == (batch, 32) and ours.tokens.shape == (batch, 16, 32)
+        assert relative_drift(ours.pooled, theirs.pooled) < 1e-5
+        assert relative_drift(ours.tokens, theirs.tokens) < 1e-5
+        assert encoder.encode_pixels(pixels).tokens is None
+    del torch
+
+
+def test_zero_shot_scores_and_order_match_torch(tiny_export: Path, tiny_backbone, many_photos: Path) -> None:  # type: ignore[no-untyped-def]
+    paths = sorted(many_photos.iterdir())
+    model = OnnxModel(tiny_export, providers="cpu")
+    for prompt, against in [("image quality", None), ("a sharp photo", "a blurry photo")]:
+        torch_scorer = ZeroShotScorer.for_backbone(tiny_backbone, prompt, against)
+        onnx_scorer = zero_shot_scorer(model, prompt, against)
+        assert onnx_scorer.name == torch_scorer.name
+        torch_scores = score_images(paths, tiny_backbone, torch_scorer, batch_size=5, workers=1)
+        onnx_scores = score_images(paths, model.image_encoder(), onnx_scorer, batch_size=5, workers=1)
+        a = np.array([s for _p, s in torch_scores])
+        b = np.array([s for _p, s in onnx_scores])
+        assert len(a) == 16 and np.ptp(a) > 1e-3  # the test only means something if scores differ
+        assert np.max(np.abs(a - b)) < 1e-3
+        assert [r.path for r in rank_scores(torch_scores)] == [r.path for r in rank_scores(onnx_scores)]
+
+
+def test_fingerprint_names_the_onnx_graph_and_preprocessing(tiny_export: Path, tiny_backbone, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    first = OnnxModel(tiny_export).image_encoder().fingerprint
+    assert first == OnnxModel(tiny_export).image_encoder().fingerprint  # stable
+    assert first != tiny_backbone.fingerprint  # never mixed with torch features in the cache
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    manifest["preprocess"]["resize_mode"] = "squash"
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    squashed = OnnxModel(copy).image_encoder()
+    assert squashed.preprocess.resize_mode == "squash"
+    assert squashed.fingerprint != first
+
+
+def test_export_refuses_drift_beyond_tolerance_and_leaves_nothing(tiny_backbone, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "strict"
+    with pytest.raises(ModelError) as info:
+        export_backbone(tiny_backbone, out, tolerance=1e-12)
+    message = str(info.value)
+    assert "drifts from torch by" in message and "refusing" in message and "limit 1e-12" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_never_writes_into_a_folder_with_files(tiny_backbone, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UnsafeOperationError, match="not empty"):
+        export_backbone(tiny_backbone, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_backbone(tiny_backbone, empty)  # an empty folder is fine
+    assert (empty / MANIFEST_NAME).is_file()
+
+
+def test_cli_export_writes_a_folder_and_refuses_a_busy_one(tmp_path: Path) -> None:
+    out = tmp_path / "cli-onnx"
+    args = ["export", "--out", str(out), "--model", str(TINY_MODEL), "--pretrained", "none"]
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert "exported 4 files" in result.stderr and "--runtime onnx" in result.stderr
+    assert (out / IMAGE_FILE).is_file()
+    again = runner.invoke(app, args, catch_exceptions=False)
+    assert again.exit_code == UnsafeOperationError.exit_code
+    assert "not empty" in again.stderr
+
+
+# --- loading safety and providers -------------------------------------------------------------
+
+
+def _resave_with_external_data(source: Path, target: Path, location: str) -> None:
+    import onnx
+
+    model = onnx.load(str(source))
+    onnx.save_model(
+        model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=location, size_threshold=0,
+    )
+
+
+def test_external_data_inside_the_folder_loads(tiny_export: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "ext"
+    shutil.copytree(tiny_export, folder)
+    (folder / IMAGE_FILE).unlink()
+    _resave_with_external_data(tiny_export / IMAGE_FILE, folder / IMAGE_FILE, "image.weights")
+    assert check_external_data(folder / IMAGE_FILE) == [(folder / "image.weights").resolve()]
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ours = OnnxModel(folder).image_encoder().encode_pixels(pixels)
+    reference = OnnxModel(tiny_export).image_encoder().encode_pixels(pixels)
+    np.testing.assert_allclose(ours.pooled, reference.pooled, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink"])
+def test_external_data_leaving_the_folder_is_refused(tiny_export: Path, tmp_path: Path, escape: str) -> None:
+    import shutil
+
+    import onnx
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_export, folder)
+    outside = tmp_path / "outside.bin"
+    graph = folder / IMAGE_FILE
+    _resave_with_external_data(tiny_export / IMAGE_FILE, graph, "weights.bin")
+    (folder / "weights.bin").rename(outside)
+    if escape == "symlink":
+        (folder / "weights.bin").symlink_to(outside)
+    else:
+        location = "../outside.bin" if escape == "dotdot" else str(outside)
+        model = onnx.load(str(graph), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        graph.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="outside|not a path relative"):
+        check_external_data(graph)
+    pixels = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    with pytest.raises(ModelError, match="refusing"):
+        OnnxModel(folder).image_encoder().encode_pixels(pixels)
+
+
+def test_manifest_paths_leaving_the_folder_are_refused(tiny_export: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_export, folder)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["files"]["image"]["path"] = "../../etc/passwd"
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="outside"):
+        OnnxModel(folder)
+
+
+def test_a_folder_that_is_not_an_export_gets_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not an imgrank ONNX export.*imgrank export"):
+        OnnxModel(tmp_path)
+    with pytest.raises(ModelError, match="no such folder"):
+        OnnxModel(tmp_path / "missing")
+
+
+def test_providers_auto_cpu_and_unknown() -> None:
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    expected = ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+    assert resolve_providers(None) == expected
+    assert resolve_providers("auto") == expected
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+    assert resolve_providers("CPUExecutionProvider, cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(UsageError, match="does not offer NoSuchExecutionProvider"):
+        resolve_providers("NoSuchExecutionProvider")
+    if "CUDAExecutionProvider" not in available:
+        with pytest.raises(UsageError, match=r"imgrank\[gpu\]"):
+            resolve_providers("cuda")
