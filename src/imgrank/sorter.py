@@ -17,6 +17,7 @@ from imgrank.errors import NoImagesRankedError, UsageError
 from imgrank.images import DEFAULT_MAX_PIXELS, find_images
 from imgrank.pipeline import DEFAULT_BATCH_SIZE, score_images
 from imgrank.ranking import Ranking, SkippedFile, rank_scores
+from imgrank.scoring import Scorer
 
 
 @dataclass
@@ -37,6 +38,12 @@ class SortRequest:
     ascending: bool = False
     top: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: A ranking-adapter model folder: score with it instead of zero-shot CLIP.
+    adapter: Path | None = None
+    #: With an adapter, whether --model / --pretrained were given explicitly (otherwise
+    #: the adapter's own backbone is used and ``model``/``pretrained`` are ignored).
+    model_given: bool = False
+    pretrained_given: bool = False
 
 
 @dataclass
@@ -89,12 +96,27 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
     if not paths:
         raise NoImagesRankedError(_nothing_found_message(request, skipped))
 
-    backbone = load_backbone(
-        BackboneSpec(model=request.model, pretrained=request.pretrained),
-        device=request.device,
-        warn=callbacks.warn,
-    )
-    scorer = ZeroShotScorer.for_backbone(backbone, request.prompt, request.against)
+    scorer: Scorer
+    if request.adapter is not None:
+        from imgrank.adapter_scoring import load_adapter_scoring
+
+        if request.against is not None:
+            raise UsageError("--against is for zero-shot scoring; an adapter reads --by as it is")
+        backbone, scorer = load_adapter_scoring(
+            request.adapter,
+            request.prompt,
+            model=request.model if request.model_given else None,
+            pretrained=request.pretrained if request.pretrained_given else None,
+            device=request.device,
+            warn=callbacks.warn,
+        )
+    else:
+        backbone = load_backbone(
+            BackboneSpec(model=request.model, pretrained=request.pretrained),
+            device=request.device,
+            warn=callbacks.warn,
+        )
+        scorer = ZeroShotScorer.for_backbone(backbone, request.prompt, request.against)
     callbacks.found(len(paths))
     scored = score_images(
         paths,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 @handle_errors
 def sort(
+    ctx: typer.Context,
     folder: Path = typer.Argument(..., help="Folder of photos to rank (scanned recursively)."),
     by: str = typer.Option(..., "--by", "-b", help='What to sort by, e.g. "image quality".'),
     against: Optional[str] = typer.Option(
@@ -81,6 +82,12 @@ def sort(
         DEFAULT_MAX_PIXELS, "--max-pixels", help="Skip images larger than this (decompression bombs)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+    adapter: Optional[Path] = typer.Option(
+        None,
+        "--adapter",
+        help="Score with a ranking-adapter model folder (see `imgrank adapter`); it brings its "
+        "own backbone and preprocessing unless --model/--pretrained are given.",
+    ),
 ) -> None:
     """Rank the photos of FOLDER by how well they match --by, best first.
 
@@ -116,6 +123,9 @@ def sort(
         ascending=ascending,
         top=top,
         max_pixels=max_pixels,
+        adapter=adapter,
+        model_given=_given(ctx, "model"),
+        pretrained_given=_given(ctx, "pretrained"),
     )
     interactive = err_console.is_terminal and not quiet
     skipped: list[SkippedFile] = []
@@ -170,6 +180,12 @@ def sort(
             f"ranked {len(ranking.items)} image(s), skipped {len(ranking.skipped)} file(s) "
             f"in {ranking.seconds:.1f} s, scored by {escape(ranking.scorer)}"
         )
+
+
+def _given(ctx: typer.Context, parameter: str) -> bool:
+    """Whether the user set an option (command line or environment), not Typer's default."""
+    source = ctx.get_parameter_source(parameter)
+    return source is not None and source.name != "DEFAULT"
 
 
 def _progress(*, enabled: bool) -> Progress | None:
