@@ -1,0 +1,769 @@
+"""The embedding cache: image features kept in SQLite so a re-sort decodes nothing.
+
+One entry holds what the scorers need for one image file under one model:
+
+* the pooled embedding (float32) that zero-shot scoring reads, and
+* the visual tokens (float16 unless a value does not fit) that adapters read.
+
+Entries are keyed on the file's absolute path and checked against its size and
+``mtime_ns``: a file that changed is a miss and is embedded again (its entry is
+replaced). Each model is a row of its own, identified by a fingerprint of the
+encoder (architecture + weights identity) and of the preprocessing, so features
+of different models or input sizes never mix.
+
+Concurrency and robustness, because several ``imgrank sort`` processes may
+share one cache and any of them may be killed:
+
+* WAL journal mode: readers never wait for a writer and a killed writer leaves
+  the database intact (at worst its last, uncommitted rows are lost);
+* a busy timeout, and ``BEGIN IMMEDIATE`` for every write so that two writers
+  queue instead of failing half way through a transaction;
+* rows are buffered in memory and written in one short transaction every
+  ``commit_every`` images (or every ``commit_seconds``), so an interrupted run
+  keeps what it finished and the write lock is held for milliseconds;
+* a schema-version table, and a file that is not an imgrank cache (garbage, a
+  truncated file, another program's database, an older schema) is moved aside,
+  never deleted, and a new cache is started, with a warning.
+
+The cache holds only re-creatable data: deleting it costs time, never photos.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgrank.errors import CacheError
+
+#: Version of the table layout below. A file with a higher version was written
+#: by a newer imgrank and is left alone; a lower one is moved aside and rebuilt.
+SCHEMA_VERSION = 1
+
+#: SQLite ``application_id`` marking a file as an imgrank cache ("IMGR").
+APPLICATION_ID = 0x494D4752
+
+#: Rows written per transaction: small enough that an interrupted run keeps
+#: most of its work, large enough that commits cost nothing next to the model.
+DEFAULT_COMMIT_EVERY = 256
+
+#: Also commit when this many seconds passed since the last commit (slow models).
+DEFAULT_COMMIT_SECONDS = 30.0
+
+#: How long a writer waits for another process's write transaction.
+DEFAULT_BUSY_TIMEOUT = 30.0
+
+#: Rows per lookup query (well under SQLite's limit on bound parameters).
+LOOKUP_CHUNK = 256
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS schema_version (
+        version INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS models (
+        id INTEGER PRIMARY KEY,
+        fingerprint TEXT NOT NULL UNIQUE,
+        description TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        last_used_at REAL NOT NULL
+    )
+    """,
+    # One row per (model, file). The path is stored as the file system's bytes
+    # (os.fsencode) so names that are not valid UTF-8 are cached like any other.
+    """
+    CREATE TABLE IF NOT EXISTS entries (
+        id INTEGER PRIMARY KEY,
+        model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+        path BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        pooled BLOB NOT NULL,
+        tokens BLOB,
+        token_count INTEGER,
+        token_dim INTEGER,
+        tokens_dtype TEXT,
+        created_at REAL NOT NULL,
+        UNIQUE (model_id, path)
+    )
+    """,
+)
+
+
+@dataclass(frozen=True)
+class FileKey:
+    """What identifies one version of one file: absolute path, size, modification time."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path | str) -> FileKey:
+        """Stat a file (following symbolic links).
+
+        Raises:
+            OSError: the file cannot be stat'ed (gone, no permission).
+        """
+        absolute = os.path.abspath(os.fspath(path))
+        info = os.stat(absolute)
+        return cls(absolute, int(info.st_size), int(info.st_mtime_ns))
+
+    @property
+    def blob(self) -> bytes:
+        return os.fsencode(self.path)
+
+
+@dataclass
+class CachedFeatures:
+    """Features read back from the cache, as float32 arrays."""
+
+    pooled: np.ndarray
+    tokens: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model's share of the cache, for ``imgrank cache info``."""
+
+    fingerprint: str
+    description: str
+    entries: int
+    payload_bytes: int
+    last_used_at: float
+
+    @property
+    def bytes_per_entry(self) -> float:
+        return self.payload_bytes / self.entries if self.entries else 0.0
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """What ``imgrank cache info`` shows."""
+
+    path: Path
+    disk_bytes: int
+    entries: int
+    schema_version: int
+    models: list[ModelSummary] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What ``imgrank cache prune`` removed."""
+
+    missing: int
+    changed: int
+    kept: int
+    models_removed: int
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes on disk of the database and its WAL and shared-memory side files."""
+    total = 0
+    for candidate in _side_files(path):
+        try:
+            total += candidate.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def _side_files(path: Path) -> list[Path]:
+    return [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+
+
+def _unique_aside_name(path: Path, label: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = path.with_name(f"{path.name}.{label}-{stamp}")
+    counter = 2
+    while any(p.exists() or p.is_symlink() for p in _side_files(candidate)):
+        candidate = path.with_name(f"{path.name}.{label}-{stamp}-{counter}")
+        counter += 1
+    return candidate
+
+
+def _move_without_replacing(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``, never replacing an existing ``target``.
+
+    A hard link followed by an unlink fails instead of overwriting; on file
+    systems without hard links, rename after checking (the target name carries
+    a timestamp, so a race is practically impossible).
+    """
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        if target.exists():
+            raise FileExistsError(target) from None
+        os.rename(source, target)
+        return
+    os.unlink(source)
+
+
+def _classify(path: Path) -> tuple[str, int | None]:
+    """Tell what the file at ``path`` is, without changing it.
+
+    Returns:
+        ``("new", None)`` for a missing or empty file, ``("ours", version)`` for
+        an imgrank cache, or ``("invalid", None)``/``("foreign", None)``/
+        ``("old", version)`` with the reason encoded in the first item.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_SQLITE_MAGIC))
+    except FileNotFoundError:
+        return "new", None
+    except OSError as exc:
+        raise CacheError(
+            f"cannot read the embedding cache {path}: {exc.strerror or exc}. "
+            "Fix its permissions, pick another file with --cache, or use --no-cache."
+        ) from None
+    if not head:
+        return "new", None
+    if head != _SQLITE_MAGIC:
+        return "invalid", None
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return "invalid", None
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if app_id != APPLICATION_ID:
+            return ("new", None) if not tables else ("foreign", None)
+        if "schema_version" not in tables:
+            return "foreign", None
+        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        version = int(row[0]) if row and row[0] is not None else 0
+        if version < SCHEMA_VERSION:
+            return "old", version
+        return "ours", version
+    except sqlite3.DatabaseError:
+        return "invalid", None
+    finally:
+        conn.close()
+
+
+_REASONS = {
+    "invalid": "it is not a valid SQLite database (damaged or not a cache at all)",
+    "foreign": "it is a database written by another program",
+    "old": "it was written by an older imgrank with another layout",
+}
+
+
+class EmbeddingCache:
+    """An open embedding cache. Use :func:`open_cache` or :meth:`EmbeddingCache.open`.
+
+    Not thread-safe: one cache object per thread (the pipeline reads and writes
+    it from the main thread only).
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        *,
+        commit_every: int = DEFAULT_COMMIT_EVERY,
+        commit_seconds: float = DEFAULT_COMMIT_SECONDS,
+        on_warning: Callable[[str], None] | None = None,
+    ) -> None:
+        self._conn = conn
+        self.path = path
+        self.commit_every = max(1, commit_every)
+        self.commit_seconds = commit_seconds
+        self._warn = on_warning or _default_warning
+        self._pending: list[tuple[object, ...]] = []
+        self._last_commit = time.monotonic()
+        self._write_failures = 0
+        self._closed = False
+
+    # ----------------------------------------------------------------- opening
+
+    @classmethod
+    def open(
+        cls,
+        path: Path | str,
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        commit_every: int = DEFAULT_COMMIT_EVERY,
+        commit_seconds: float = DEFAULT_COMMIT_SECONDS,
+        on_warning: Callable[[str], None] | None = None,
+    ) -> EmbeddingCache:
+        """Open (or create) the cache at ``path``.
+
+        A file that is not a usable imgrank cache is moved aside (renamed to
+        ``<name>.broken-<time>``, ``.foreign-...`` or ``.old-...``) and a new
+        cache is created in its place; ``on_warning`` is told where it went.
+
+        Raises:
+            CacheError: the folder cannot be written, or the file comes from a
+                newer imgrank (left untouched).
+        """
+        path = Path(path).expanduser().absolute()
+        warn = on_warning or _default_warning
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(
+                f"cannot create the folder of the embedding cache {path}: "
+                f"{exc.strerror or exc}. Pick another file with --cache, or use --no-cache."
+            ) from None
+        if path.is_dir():
+            raise CacheError(
+                f"--cache {path} is a folder; give a file name such as "
+                f"{path / 'embeddings.sqlite3'}"
+            )
+
+        kind, version = _classify(path)
+        if kind == "ours" and version is not None and version > SCHEMA_VERSION:
+            raise CacheError(
+                f"the embedding cache {path} was written by a newer imgrank (schema version "
+                f"{version}, this one reads {SCHEMA_VERSION}). Upgrade imgrank, pick another file "
+                "with --cache, or use --no-cache."
+            )
+        if kind in _REASONS:
+            aside = _move_aside(
+                path, "old" if kind == "old" else ("foreign" if kind == "foreign" else "broken")
+            )
+            warn(
+                f"the embedding cache {path} could not be used: {_REASONS[kind]}. It was moved "
+                f"to {aside} (not deleted) and a new cache was started; the old file only held "
+                "re-creatable features, delete it when you like."
+            )
+
+        conn = _connect(path, busy_timeout)
+        try:
+            _initialise(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise CacheError(
+                f"cannot initialise the embedding cache {path}: {exc}. Pick another file with "
+                "--cache, or use --no-cache."
+            ) from None
+        return cls(
+            conn,
+            path,
+            commit_every=commit_every,
+            commit_seconds=commit_seconds,
+            on_warning=on_warning,
+        )
+
+    def __enter__(self) -> EmbeddingCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Write what is buffered and close the database (safe to call twice)."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._conn.close()
+
+    # ------------------------------------------------------------------ models
+
+    def model_id(self, fingerprint: str, description: str) -> int:
+        """The row id of a model, registering it on first use (and marking it used now)."""
+        now = time.time()
+        row = self._conn.execute(
+            "SELECT id FROM models WHERE fingerprint = ?", (fingerprint,)
+        ).fetchone()
+        with self._write():
+            if row is None:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO models"
+                    " (fingerprint, description, created_at, last_used_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (fingerprint, description, now, now),
+                )
+            self._conn.execute(
+                "UPDATE models SET last_used_at = ?, description = ? WHERE fingerprint = ?",
+                (now, description, fingerprint),
+            )
+        row = self._conn.execute(
+            "SELECT id FROM models WHERE fingerprint = ?", (fingerprint,)
+        ).fetchone()
+        return int(row[0])
+
+    # ------------------------------------------------------------ read & write
+
+    def get_many(
+        self, model_id: int, keys: list[FileKey], *, tokens: bool = False
+    ) -> dict[str, CachedFeatures]:
+        """Cached features of the files in ``keys`` that are present and unchanged.
+
+        Args:
+            model_id: from :meth:`model_id`.
+            keys: the files, as stat'ed now.
+            tokens: the caller needs visual tokens; an entry stored without them is a miss.
+
+        Returns:
+            ``{absolute path: features}`` for the hits only.
+        """
+        wanted = {key.blob: key for key in keys}
+        found: dict[str, CachedFeatures] = {}
+        columns = "path, size, mtime_ns, pooled" + (
+            ", tokens, token_count, token_dim, tokens_dtype" if tokens else ""
+        )
+        blobs = list(wanted)
+        for start in range(0, len(blobs), LOOKUP_CHUNK):
+            chunk = blobs[start : start + LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            try:
+                rows = self._conn.execute(
+                    f"SELECT {columns} FROM entries WHERE model_id = ? AND path IN ({marks})",
+                    (model_id, *chunk),
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise CacheError(f"cannot read the embedding cache {self.path}: {exc}") from None
+            for row in rows:
+                key = wanted.get(bytes(row[0]))
+                if key is None or row[1] != key.size or row[2] != key.mtime_ns:
+                    continue  # the file changed since it was embedded
+                pooled = np.frombuffer(row[3], dtype=np.float32)
+                features = CachedFeatures(pooled=pooled)
+                if tokens:
+                    if row[4] is None:
+                        continue
+                    dtype = np.float16 if row[7] == "float16" else np.float32
+                    grid = np.frombuffer(row[4], dtype=dtype).reshape(int(row[5]), int(row[6]))
+                    features.tokens = grid.astype(np.float32)
+                found[key.path] = features
+        return found
+
+    def put(
+        self,
+        model_id: int,
+        key: FileKey,
+        pooled: np.ndarray,
+        tokens: np.ndarray | None = None,
+    ) -> None:
+        """Queue one image's features; written with the next commit.
+
+        Args:
+            model_id: from :meth:`model_id`.
+            key: the file as it was stat'ed BEFORE it was decoded (so a file
+                changed while it was read is re-embedded next time).
+            pooled: (E,) embedding; stored as float32.
+            tokens: (P, D) visual tokens or None; stored as float16 unless a
+                value would overflow it.
+        """
+        pooled_blob = np.ascontiguousarray(pooled, dtype=np.float32).tobytes()
+        tokens_blob: bytes | None = None
+        count = dim = None
+        dtype_name = None
+        if tokens is not None:
+            grid = np.asarray(tokens)
+            count, dim = int(grid.shape[0]), int(grid.shape[1])
+            half = grid.astype(np.float16)
+            if np.isfinite(half).all() or not np.isfinite(grid).all():
+                tokens_blob, dtype_name = half.tobytes(), "float16"
+            else:  # values beyond float16's range: keep them exact rather than infinite
+                tokens_blob = np.ascontiguousarray(grid, dtype=np.float32).tobytes()
+                dtype_name = "float32"
+        self._pending.append(
+            (
+                model_id,
+                key.blob,
+                key.size,
+                key.mtime_ns,
+                pooled_blob,
+                tokens_blob,
+                count,
+                dim,
+                dtype_name,
+                time.time(),
+            )
+        )
+        if (
+            len(self._pending) >= self.commit_every
+            or time.monotonic() - self._last_commit >= self.commit_seconds
+        ):
+            self.flush()
+
+    def flush(self) -> int:
+        """Write the queued entries in one transaction; returns how many were written.
+
+        When the database stays locked by another process beyond the busy
+        timeout, the entries are dropped with a warning (they are computed again
+        next time) instead of failing the run.
+
+        Raises:
+            CacheError: the database file is damaged.
+        """
+        self._last_commit = time.monotonic()
+        if not self._pending:
+            return 0
+        rows, self._pending = self._pending, []
+        try:
+            with self._write():
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO entries"
+                    " (model_id, path, size, mtime_ns, pooled, tokens,"
+                    " token_count, token_dim, tokens_dtype, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise CacheError(f"cannot write the embedding cache {self.path}: {exc}") from None
+            self._write_failures += 1
+            if self._write_failures == 1:
+                self._warn(
+                    f"the embedding cache {self.path} stayed locked by another process; "
+                    f"{len(rows)} image(s) were not cached and will be embedded again next time"
+                )
+            return 0
+        except sqlite3.DatabaseError as exc:
+            raise CacheError(
+                f"cannot write the embedding cache {self.path}: {exc}. "
+                "`imgrank cache clear` or --no-cache works around it."
+            ) from None
+        return len(rows)
+
+    # --------------------------------------------------------------- upkeep
+
+    def summary(self) -> CacheSummary:
+        """Entries, size on disk and models (for ``imgrank cache info``)."""
+        self.flush()
+        models = [
+            ModelSummary(
+                fingerprint=row[0],
+                description=row[1],
+                entries=int(row[2]),
+                payload_bytes=int(row[3] or 0),
+                last_used_at=float(row[4]),
+            )
+            for row in self._conn.execute(
+                "SELECT m.fingerprint, m.description, COUNT(e.id),"
+                " SUM(LENGTH(e.pooled) + COALESCE(LENGTH(e.tokens), 0)), m.last_used_at"
+                " FROM models m LEFT JOIN entries e ON e.model_id = m.id"
+                " GROUP BY m.id ORDER BY m.last_used_at DESC"
+            )
+        ]
+        version = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        return CacheSummary(
+            path=self.path,
+            disk_bytes=disk_usage(self.path),
+            entries=sum(m.entries for m in models),
+            schema_version=int(version or 0),
+            models=models,
+        )
+
+    def prune(self, *, on_progress: Callable[[int], None] | None = None) -> PruneResult:
+        """Drop the entries of files that no longer exist or changed since they were cached.
+
+        Only "not found" counts as gone: files on a disk that is not mounted
+        right now look gone too, so mount it first. Any other error (no
+        permission) keeps the entry.
+        """
+        self.flush()
+        missing = changed = kept = 0
+        last_id = 0
+        while True:
+            rows = self._conn.execute(
+                "SELECT id, path, size, mtime_ns FROM entries WHERE id > ? ORDER BY id LIMIT 512",
+                (last_id,),
+            ).fetchall()
+            if not rows:
+                break
+            last_id = int(rows[-1][0])
+            doomed: list[tuple[int]] = []
+            for entry_id, blob, size, mtime_ns in rows:
+                try:
+                    info = os.stat(os.fsdecode(bytes(blob)))
+                except FileNotFoundError:
+                    missing += 1
+                    doomed.append((int(entry_id),))
+                    continue
+                except OSError:
+                    kept += 1
+                    continue
+                if info.st_size != size or info.st_mtime_ns != mtime_ns:
+                    changed += 1
+                    doomed.append((int(entry_id),))
+                else:
+                    kept += 1
+            if doomed:
+                with self._write():
+                    self._conn.executemany("DELETE FROM entries WHERE id = ?", doomed)
+            if on_progress is not None:
+                on_progress(len(rows))
+        with self._write():
+            models_removed = self._conn.execute(
+                "DELETE FROM models WHERE id NOT IN (SELECT DISTINCT model_id FROM entries)"
+            ).rowcount
+        self._reclaim()
+        return PruneResult(
+            missing=missing, changed=changed, kept=kept, models_removed=models_removed
+        )
+
+    def clear(self) -> int:
+        """Remove every entry and model; returns the number of entries removed."""
+        self.flush()
+        with self._write():
+            removed = self._conn.execute("DELETE FROM entries").rowcount
+            self._conn.execute("DELETE FROM models")
+        self._reclaim()
+        return int(removed)
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's full integrity check: ``["ok"]`` when the file is sound."""
+        return [str(row[0]) for row in self._conn.execute("PRAGMA integrity_check")]
+
+    # ------------------------------------------------------------- internals
+
+    def _write(self) -> _WriteTransaction:
+        return _WriteTransaction(self._conn)
+
+    def _reclaim(self) -> None:
+        """Give freed pages back to the file system (the file uses incremental vacuum)."""
+        try:
+            self._conn.execute("PRAGMA incremental_vacuum")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError:
+            pass  # another process is busy with the file; the space is reused later anyway
+
+
+class _WriteTransaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error.
+
+    IMMEDIATE takes the write lock up front, so a second writer waits (busy
+    timeout) at BEGIN instead of failing later with a deadlock.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._conn.execute("BEGIN IMMEDIATE")
+        return self._conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._conn.execute("COMMIT")
+        elif self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+
+def _default_warning(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself.
+    conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    return conn
+
+
+def _initialise(conn: sqlite3.Connection) -> None:
+    """Create the tables (once, under the write lock) and set the connection's pragmas."""
+    # auto_vacuum must be chosen before the first table exists; on an existing
+    # file this is a no-op.
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    _retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
+    # The cache is re-creatable: NORMAL keeps the file consistent after a crash
+    # and only risks the last transactions on power loss.
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    with _WriteTransaction(conn):
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        if conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
+def _retry_busy(action: Callable[[], object], attempts: int = 50) -> object:
+    """Run ``action``, retrying briefly when SQLite answers busy without waiting.
+
+    Switching to WAL needs an exclusive lock for a moment and SQLite does not
+    always call the busy handler for it, so two processes creating the cache at
+    the same instant could otherwise fail.
+    """
+    for attempt in range(attempts):
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return None
+
+
+def _move_aside(path: Path, label: str) -> Path:
+    aside = _unique_aside_name(path, label)
+    try:
+        for source, target in zip(_side_files(path), _side_files(aside), strict=True):
+            if source.exists():
+                _move_without_replacing(source, target)
+    except OSError as exc:
+        raise CacheError(
+            f"the embedding cache {path} is not usable and could not be moved aside "
+            f"({exc.strerror or exc}). Move or delete it yourself, pick another file with "
+            "--cache, or use --no-cache."
+        ) from None
+    return aside
+
+
+def open_cache(
+    path: Path | str | None = None, *, on_warning: Callable[[str], None] | None = None
+) -> EmbeddingCache:
+    """Open the cache at ``path``, or the default one (``imgrank.paths.default_cache_db()``)."""
+    if path is None:
+        from imgrank.paths import default_cache_db
+
+        path = default_cache_db()
+    return EmbeddingCache.open(path, on_warning=on_warning)
+
+
+def open_existing(path: Path | str) -> EmbeddingCache | None:
+    """Open a cache for upkeep commands without creating or moving anything.
+
+    Returns:
+        None when there is no cache at ``path``.
+
+    Raises:
+        CacheError: the file exists but is not an imgrank cache this version can read.
+    """
+    path = Path(path).expanduser().absolute()
+    kind, version = _classify(path)
+    if kind == "new":
+        return None
+    if kind != "ours":
+        raise CacheError(
+            f"{path} is not an imgrank embedding cache this version can use: "
+            f"{_REASONS.get(kind, 'unknown layout')}. The next `imgrank sort` with this cache "
+            "moves it aside and starts a new one."
+        )
+    if version is not None and version > SCHEMA_VERSION:
+        raise CacheError(
+            f"the embedding cache {path} was written by a newer imgrank (schema version {version})"
+        )
+    conn = _connect(path, DEFAULT_BUSY_TIMEOUT)
+    conn.execute("PRAGMA foreign_keys = ON")
+    return EmbeddingCache(conn, path)
