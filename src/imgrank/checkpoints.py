@@ -606,8 +606,8 @@ def import_authors_checkpoint(
     adapter_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     clip_state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     adapter = RankingAdapter(adapter_config)
-    problems = _mismatches(_clip_shapes(model_config), clip_state)
-    problems += _mismatches(_shapes(adapter), adapter_state, prefix=prefix)
+    problems = [f"CLIP keys {p}" for p in _mismatches(_clip_shapes(model_config), clip_state)]
+    problems += [f"adapter keys {p}" for p in _mismatches(_shapes(adapter), adapter_state, prefix=prefix)]
     if problems:
         raise AdapterMismatchError(
             f"{checkpoint} does not match the model config {config}: " + "; ".join(problems)

@@ -43,6 +43,14 @@ app.command("sort")(sort_cmd.sort)
 from imgrank.cli import export_cmd  # noqa: E402
 
 app.command("export")(export_cmd.export)
+from imgrank.cli import adapter_cmd  # noqa: E402
+
+app.add_typer(adapter_cmd.app, name="adapter")
+from imgrank.cli import runs_cmd  # noqa: E402
+
+app.command("runs")(runs_cmd.runs)
+app.command("undo")(runs_cmd.undo)
+app.command("recover")(runs_cmd.recover)
 
 
 def main() -> None:

@@ -1,0 +1,116 @@
+"""``imgrank adapter``: import the authors' checkpoints, show what a model folder holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+
+from imgrank.cli.common import err_console, handle_errors
+
+app = typer.Typer(
+    name="adapter",
+    help="Ranking-adapter model folders: import the paper's checkpoints, inspect a folder.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("import")
+@handle_errors
+def import_checkpoint(
+    checkpoint: Path = typer.Argument(
+        ..., help="The authors' checkpoint (.pt with a state_dict; read with weights_only=True)."
+    ),
+    config: str = typer.Option(
+        "convnext_large_d_320-adapter",
+        "--config",
+        "-c",
+        help="Their model config JSON, or the name of a config shipped with imgrank "
+        "(default: the one of their released checkpoints).",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to create (must not exist)."),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Backbone name to record (default: from the config file name)."
+    ),
+) -> None:
+    """Turn an authors' checkpoint into a self-contained imgrank model folder.
+
+    The folder keeps the CLIP weights from the checkpoint, the adapter, the
+    authors' model config and their preprocessing (squash-resize, OpenAI
+    mean/std); prompts are passed verbatim. Use it with
+    `imgrank sort PHOTOS --by PROMPT --adapter DIR`.
+
+    Example:
+
+        imgrank adapter import count.pt --out ~/models/count
+    """
+    from imgrank.checkpoints import import_authors_checkpoint
+
+    with err_console.status(f"importing {escape(str(checkpoint))}"):
+        folder = import_authors_checkpoint(checkpoint, config, out, model_name=name)
+    err_console.print(
+        f"imported {escape(str(checkpoint))} into {escape(str(folder.path))} "
+        f"({folder.variant} adapter, backbone {escape(folder.backbone_spec.model)})"
+    )
+    typer.echo(str(folder.path))
+
+
+@app.command("info")
+@handle_errors
+def info(
+    folder: Path = typer.Argument(..., help="An imgrank model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the folder's config.json as JSON."),
+) -> None:
+    """Show what a model folder holds: adapter, backbone, preprocessing, prompts, provenance."""
+    from imgrank.checkpoints import CONFIG_FILE, load_adapter, load_model_folder
+
+    model = load_model_folder(folder)
+    if as_json:
+        typer.echo((model.path / CONFIG_FILE).read_text(encoding="utf-8").rstrip("\n"))
+        return
+    adapter = load_adapter(model)  # also checks that the weights fit the config
+    from imgrank.adapter import count_parameters
+
+    cfg = model.adapter_config
+    spec = model.backbone_spec
+    preprocess = spec.preprocess
+    weights = model.backbone_weights
+    rows: list[tuple[str, Any]] = [
+        ("folder", model.path),
+        ("adapter", f"{cfg.variant}: width {cfg.d_model}, {cfg.num_layers} layers, {cfg.n_head} heads, "
+                    f"{cfg.num_learnable_text_tokens} learnable text tokens, {cfg.n_reg_tokens} rank tokens, "
+                    f"{count_parameters(adapter):,} parameters"),
+        ("backbone", spec.model + (" (config kept in the folder)" if spec.model_config else "")),
+        ("weights", f"{weights.name} in the folder ({_size(weights)})" if weights else f"open_clip tag {spec.pretrained}"),
+        ("preprocess", _describe_preprocess(preprocess) if preprocess else "open_clip default"),
+        ("prompts", "verbatim" if model.prompt_format == "{}" else f"formatted as {model.prompt_format!r}"),
+        ("targets", "unknown" if model.target_range is None
+                    else f"{model.target_range[0]:g} to {model.target_range[1]:g} in training"),
+    ]  # fmt: skip
+    if model.source:
+        rows.append(("source", json.dumps(model.source, sort_keys=True)))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        typer.echo(f"{label:<{width}}  {value}")
+
+
+def _size(path: Path) -> str:
+    size = float(path.stat().st_size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"  # pragma: no cover - loop always returns
+
+
+def _describe_preprocess(pp: Any) -> str:
+    how = "squash-resize to" if pp.resize_mode == "squash" else "resize + centre-crop to"
+    mean = ", ".join(f"{v:g}" for v in pp.mean)
+    std = ", ".join(f"{v:g}" for v in pp.std)
+    return f"{how} {pp.image_size}x{pp.image_size} ({pp.interpolation}), mean ({mean}), std ({std})"
