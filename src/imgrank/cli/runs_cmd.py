@@ -1,0 +1,243 @@
+"""``imgrank runs``, ``imgrank undo``, ``imgrank recover``, and the rename step of ``sort``.
+
+The logic lives in :mod:`imgrank.renaming` and :mod:`imgrank.journal`; this
+module only turns options into calls and results into lines. Data (the run
+list, the rename plan) goes to stdout; summaries go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+from rich.markup import escape
+
+from imgrank.cli.common import err_console, handle_errors
+from imgrank.errors import UsageError
+
+if TYPE_CHECKING:
+    from imgrank.journal import RunRecord
+    from imgrank.ranking import RankedImage
+
+
+def _state(run: RunRecord, undone_by: dict[str, str]) -> str:
+    """One word (or two) saying where a run stands, for ``imgrank runs``."""
+    from imgrank.journal import is_in_progress
+
+    if not run.finished:
+        return "in progress" if is_in_progress(run) else "UNFINISHED"
+    if run.kind == "undo":
+        return f"undo of {run.undoes}" if run.outcome == "applied" else f"undo {run.status}"
+    if run.run_id in undone_by:
+        return "undone"
+    if run.status == "completed":
+        return "applied"
+    if run.status == "recovered":
+        return {"applied": "recovered forward", "restored": "recovered back"}.get(
+            str(run.outcome), "recovered, some files not in place"
+        )
+    return run.status.replace("_", " ") + ("" if run.outcome != "partial" else ", incomplete")
+
+
+@handle_errors
+def runs(
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object per run instead of a table."
+    ),
+) -> None:
+    """List past rename runs (oldest first) with their state.
+
+    A run is `applied` (photos carry the new names; `imgrank undo RUN_ID`
+    reverts it), `undone`, `rolled back` (an error stopped it and every name
+    was put back), or UNFINISHED (interrupted: run `imgrank recover`).
+    """
+    from imgrank.journal import list_runs
+
+    all_runs = list_runs()
+    undone_by = {
+        r.undoes: r.run_id for r in all_runs if r.kind == "undo" and r.outcome == "applied"
+    }
+    out = sys.stdout
+    if as_json:
+        for run in all_runs:
+            record = {
+                "run_id": run.run_id,
+                "kind": run.kind,
+                "created": run.created,
+                "state": _state(run, undone_by),
+                "status": run.status,
+                "outcome": run.outcome,
+                "files": len(run.steps),
+                "folder": run.folder,
+                "prompt": run.prompt,
+                "undoes": run.undoes,
+                "undone_by": undone_by.get(run.run_id),
+                "journal": str(run.path),
+                "problems": run.problems,
+            }
+            out.write(json.dumps(record) + "\n")
+        return
+    if not all_runs:
+        err_console.print("no rename runs yet")
+        return
+    rows = [
+        (
+            run.run_id,
+            run.created[:19].replace("T", " "),
+            _state(run, undone_by),
+            str(len(run.steps)),
+            run.folder,
+            run.prompt,
+        )
+        for run in all_runs
+    ]
+    header = ("RUN", "STARTED (UTC)", "STATE", "FILES", "FOLDER", "PROMPT")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        line = "  ".join([*cells, row[-1]])
+        out.buffer.write(line.rstrip().encode("utf-8", "surrogateescape") + b"\n")
+    out.flush()
+
+
+@handle_errors
+def undo(
+    run_id: Optional[str] = typer.Argument(None, help="The run to undo (see `imgrank runs`)."),  # noqa: UP045
+    last: bool = typer.Option(False, "--last", help="Undo the latest rename run not yet undone."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+) -> None:
+    """Give the photos of a rename run their names back.
+
+    Refuses, changing nothing, when a file the run renamed was moved, deleted
+    or replaced since, or when an old name is now taken by another file.
+    """
+    from imgrank.renaming import undo as undo_run
+
+    if last == (run_id is not None):
+        raise UsageError("give either a RUN_ID or --last (see `imgrank runs`)")
+    result = undo_run(run_id)
+    if not quiet:
+        err_console.print(
+            f"restored the original names of {result.renamed} file(s) (undo run {result.run_id})"
+        )
+
+
+@handle_errors
+def recover(
+    forward: bool = typer.Option(
+        False, "--forward", help="Finish the interrupted run instead of rolling it back."
+    ),
+) -> None:
+    """Settle a rename run that was interrupted (Ctrl-C, kill -9, power loss).
+
+    By default every photo gets its original name back; with --forward the
+    run is finished instead. Files are found by inode wherever the run left
+    them, and no file is ever overwritten. Safe to run again.
+    """
+    from imgrank.renaming import recover as recover_runs
+
+    reports = recover_runs(forward=forward)
+    if not reports:
+        err_console.print("nothing to recover: no rename run was interrupted")
+        return
+    failed = False
+    for report in reports:
+        folder = escape(report.folder)
+        if not report.started:
+            err_console.print(
+                f"run {report.run_id} ({folder}): it stopped before any file was renamed; closed"
+            )
+        elif not report.problems:
+            where = "their new names" if report.direction == "forward" else "their original names"
+            err_console.print(
+                f"run {report.run_id} ({folder}): all {report.files} file(s) have {where}"
+            )
+        else:
+            failed = True
+            err_console.print(
+                f"[bold red]run {report.run_id} ({folder}):[/] not every file could be put in "
+                "place; none was overwritten or deleted:"
+            )
+            for problem in report.problems:
+                err_console.print(f"  - {escape(problem)}")
+    if failed:
+        raise typer.Exit(6)
+
+
+def check_before_writing() -> None:
+    """The unfinished-run guard, for commands that write into a user's folders.
+
+    Raises:
+        UnfinishedRunError: an interrupted run must be recovered first.
+    """
+    from imgrank.journal import check_no_unfinished_run
+
+    check_no_unfinished_run()
+
+
+def rename_after_sort(
+    items: list[RankedImage],
+    folder: Path,
+    *,
+    prompt: str,
+    template: str | None,
+    apply: bool,
+    quiet: bool = False,
+) -> None:
+    """``sort --rename [--apply]``: print the plan (old -> new) on stdout, then maybe apply it.
+
+    Raises:
+        UsageError: bad ``--name-template``.
+        UnsafeOperationError: the plan is unsafe, or a rename failed (and was reversed).
+    """
+    from imgrank.renaming import DEFAULT_TEMPLATE, apply_plan, describe_plan, plan_renames
+
+    plan = plan_renames(items, template=template or DEFAULT_TEMPLATE)
+    stream = sys.stdout.buffer
+    for old, new in describe_plan(plan, folder):
+        stream.write(os.fsencode(old) + b" -> " + os.fsencode(new) + b"\n")
+    stream.flush()
+    if plan.is_empty:
+        if not quiet:
+            err_console.print(
+                f"nothing to rename: all {len(plan.unchanged)} file(s) already have their names"
+            )
+        return
+    if not apply:
+        if not quiet:
+            err_console.print(
+                f"would rename {len(plan.renames)} file(s) (nothing changed); "
+                "add --apply to rename them"
+            )
+        return
+    result = apply_plan(plan, folder=folder, prompt=prompt)
+    if not quiet:
+        err_console.print(
+            f"renamed {result.renamed} file(s) (run {result.run_id}); "
+            "`imgrank undo --last` puts the old names back"
+        )
+
+
+def validate_rename_options(rename: bool, apply: bool, template: str | None) -> None:
+    """Check ``--rename``/``--apply``/``--name-template`` before minutes of work; guard writes.
+
+    Raises:
+        UsageError: inconsistent options or a bad template.
+        UnfinishedRunError: an interrupted run must be recovered before ``--apply``.
+    """
+    from imgrank.renaming import NameTemplate
+
+    if apply and not rename:
+        raise UsageError(
+            "--apply only applies to --rename (imgrank sort DIR --by TEXT --rename --apply)"
+        )
+    if template is not None:
+        if not rename:
+            raise UsageError("--name-template only applies to --rename")
+        NameTemplate.parse(template)
+    if rename and apply:
+        check_before_writing()
