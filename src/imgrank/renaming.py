@@ -1006,8 +1006,13 @@ def undo(run_id: str | None = None, *, journal_dir: Path | None = None) -> RunRe
                 renamed_again[later] += 1
             else:
                 problems.append(f"{step.target} no longer exists: it was moved or deleted since")
-        elif not now.same_inode(step.identity):
-            problems.append(f"{step.target} is now a different file (it was replaced since)")
+        elif now != step.identity:
+            # Size and mtime too, not only the inode: a file deleted and re-created
+            # at once often gets the same inode number back.
+            problems.append(
+                f"{step.target} is not the file imgrank renamed: it was replaced or modified "
+                "since (its inode, size or modification time differ)"
+            )
         else:
             identities.append(now)
     for later, count in renamed_again.items():
