@@ -816,8 +816,11 @@ def _execute(writer: JournalWriter, steps: list[StepRecord], moves: list[Move]) 
         writer.finish("completed", "applied")
     except BaseException as exc:
         problems = _settle(steps, "source", writer)
-        with contextlib.suppress(JournalError):
-            writer.finish("rolled_back", "restored" if not problems else "partial", problems)
+        if not problems:
+            with contextlib.suppress(JournalError):
+                writer.finish("rolled_back", "restored")
+        # Otherwise the journal stays open: `imgrank recover` can try again once
+        # whatever stood in the way is gone, and until then nothing else writes.
         writer.close()
         if isinstance(exc, (Exception, KeyboardInterrupt)):
             raise _failure(exc, done, len(moves), problems, writer.path) from None
@@ -843,7 +846,8 @@ def _failure(
     return cls(
         f"{head}. imgrank reversed what it could, but not every name could be put back; no file "
         f"was overwritten or deleted, and these are where they are now:\n{listed}\n"
-        f"(Journal: {journal})"
+        "Run `imgrank recover` to try again to put them back (or move them yourself, then "
+        f"run it to close the run). (Journal: {journal})"
     )
 
 
