@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,14 +199,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"cannot load weights from {path}: {first_line} "
             "(only plain tensor checkpoints are accepted; pickled code is refused)"
         ) from None
+    return _unwrap_state(state, path)
+
+
+def _unwrap_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Unwrap a ``state_dict`` entry, check it holds tensors, strip ``module.`` prefixes."""
+    import torch
+
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} does not hold a dict of tensors")
-    return {
-        (key[len("module.") :] if key.startswith("module.") else key): value
-        for key, value in state.items()
-    }
+    return {_strip_module(key): value for key, value in state.items()}
 
 
 def _build_clip(config: dict[str, Any]) -> Any:
@@ -505,13 +510,37 @@ class Backbone:
         return self.encode_token_ids(self.tokenize(texts))
 
 
-def load_backbone(spec: BackboneSpec, *, device: str = "auto", warn: Any = None) -> Backbone:
+def load_backbone(
+    spec: BackboneSpec,
+    *,
+    device: str = "auto",
+    warn: Any = None,
+    lazy_image_tower: bool = False,
+) -> Backbone:
     """Build the model a spec names and load its weights onto a device.
+
+    Start-up is kept short because a sort of a cached folder is mostly start-up:
+
+    * the model is first built on PyTorch's ``meta`` device (shapes only, no
+      memory, no random initialisation) and the weights are then assigned in
+      place, instead of initialising 150 M random numbers only to overwrite them;
+    * weights are read lazily (safetensors slices, or a memory-mapped ``.pt``),
+      so a tower that is not built is never read from disk;
+    * with ``lazy_image_tower`` the image tower is only built on its first
+      forward pass: a re-sort served from the embedding cache runs the text
+      tower only.
+
+    Random weights (``--pretrained none``) are seeded per tower, so they are
+    the same in every run whichever towers a run builds (the embedding cache
+    relies on it).
 
     Args:
         spec: model and weights.
         device: ``auto|cpu|cuda|cuda:N|mps``.
         warn: called with a message for things the user must know (random weights).
+        lazy_image_tower: build the image tower on first use instead of now.
+            Code that reads the image tower's parameters directly (export,
+            training) must leave this off.
 
     Raises:
         ModelError: unknown model, unreadable or mismatched weights.
@@ -520,11 +549,16 @@ def load_backbone(spec: BackboneSpec, *, device: str = "auto", warn: Any = None)
     import torch
 
     device = resolve_device(device)
+    if device == "cpu":
+        # Inference on a laptop CPU: one intra-op thread per core is the fastest
+        # setting. Set before any tensor work so the thread pool starts at that size.
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     name, config = resolve_model_config(spec)
     preprocess = spec.preprocess or default_preprocess(config)
-    weights_path: Path | None = None
+    weights: _WeightsFile | None = None
     if spec.is_random:
-        weights_id = "random"
+        # The seeding scheme is part of the weights' identity (cached features).
+        weights_id = f"random:seed{_RANDOM_SEED}:per-tower"
         if warn is not None:
             warn(
                 "--pretrained none: the backbone has RANDOM weights, so the ranking is "
@@ -534,31 +568,48 @@ def load_backbone(spec: BackboneSpec, *, device: str = "auto", warn: Any = None)
         candidate = Path(spec.pretrained).expanduser()
         if candidate.is_file():
             weights_path = candidate
-        elif candidate.suffix in (".safetensors", ".pt", ".bin", ".pth") or os.sep in spec.pretrained:
+        elif candidate.suffix in _WEIGHT_SUFFIXES or os.sep in spec.pretrained:
             raise ModelError(f"weights file {candidate} does not exist")
         else:
             weights_path = _download_pretrained(spec.model, spec.pretrained)
         stat = weights_path.stat()
         weights_id = f"{weights_path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+        weights = _WeightsFile(weights_path)
 
-    if weights_path is None:
-        # Random weights are seeded so that runs, tests and benchmarks are reproducible.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = _build_clip(config)
+    model = _build_structure(config)
+    if model is None or (weights is None and not _towers_buildable(model, config)):
+        model = _build_eagerly(config, weights)  # rare configs: pay for initialisation
     else:
-        model = _build_clip(config)
-    if weights_path is not None:
-        state = read_state_dict(weights_path)
-        state = {k: v for k, v in state.items() if not k.startswith("adapter.")}
-        load_clip_weights(model, state, source=str(weights_path))
+        if weights is not None:
+            _check_clip_keys(_shapes_of(model), weights.shapes, source=str(weights.path))
+        _materialize_text(model, config, weights)
+        if not lazy_image_tower:
+            _materialize_visual(model, config, weights)
     model.eval().requires_grad_(False)
+    visual = model._modules.pop("visual")
     if device.startswith("cuda"):
         model = model.half()  # half precision on GPU: twice the throughput, same ranking
+        visual = visual.half()
     model = model.to(device)
-    if device == "cpu":
-        # Inference on a laptop CPU: one intra-op thread per core is the fastest setting.
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model._modules["visual"] = visual
+    if _has_meta(visual):
+
+        def build_on_first_use(module: Any, _args: Any) -> None:
+            handle.remove()
+            with torch.inference_mode(False):
+                _materialize_visual(model, config, weights)
+                module.eval().requires_grad_(False)
+                if device.startswith("cuda"):
+                    module.half()
+                module.to(device)
+            if weights is not None:
+                weights.release()
+
+        handle = visual.register_forward_pre_hook(build_on_first_use)
+    else:
+        visual.to(device)
+        if weights is not None:
+            weights.release()
     return Backbone(
         model,
         name=name,
@@ -570,21 +621,234 @@ def load_backbone(spec: BackboneSpec, *, device: str = "auto", warn: Any = None)
     )
 
 
-def load_clip_weights(model: Any, state: dict[str, Any], *, source: str) -> None:
-    """Load a CLIP state dict strictly, with a message listing mismatched keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def image_tower_built(backbone: Backbone) -> bool:
+    """Whether the image tower holds real weights (False until a lazy tower's first use)."""
+    return not _has_meta(backbone.model.visual)
+
+
+#: Seed of random weights (``--pretrained none``); each tower draws from its own stream.
+_RANDOM_SEED = 0
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
+
+
+class _WeightsFile:
+    """A weights file opened so that parts of it can be read without reading the rest.
+
+    ``.safetensors`` files are read key by key; ``.pt``/``.bin``/``.pth``
+    files are memory-mapped (``torch.load(mmap=True, weights_only=True)``).
+    A legacy (non-zip) ``.pt`` file, or any
+    file that fails this way, is read whole by :func:`read_state_dict`, whose
+    checks and messages then apply. ``adapter.*`` keys are ignored.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import torch
+
+        self.path = path
+        self._tensors: dict[str, Any] | None = None
+        self._safetensors_names: dict[str, str] | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as handle:
+                    names = {_strip_module(k): k for k in handle.keys()}  # noqa: SIM118
+                    self.shapes = {
+                        key: tuple(handle.get_slice(stored).get_shape())
+                        for key, stored in names.items()
+                    }
+                self._safetensors_names = names
+            else:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                self._tensors = _unwrap_state(state, path)
+        except ModelError:
+            raise
+        except Exception:  # noqa: BLE001 - let the plain reader decide and word the error
+            self._safetensors_names = None
+            self._tensors = read_state_dict(path)
+        if self._tensors is not None:
+            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+        self.shapes = {k: v for k, v in self.shapes.items() if not k.startswith("adapter.")}
+
+    def load(self, prefix: str = "", *, exclude: str | None = None) -> dict[str, Any]:
+        """Tensors whose key starts with ``prefix`` (and not ``exclude``), prefix removed."""
+        keys = [
+            k
+            for k in self.shapes
+            if k.startswith(prefix) and not (exclude is not None and k.startswith(exclude))
+        ]
+        if self._safetensors_names is not None:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as handle:
+                taken = {k: handle.get_tensor(self._safetensors_names[k]) for k in keys}
+        else:
+            assert self._tensors is not None
+            # Memory-mapped tensors are used as they are (copy-on-write, like the
+            # safetensors reader): pages are read on first use, and a tower that
+            # is never built is never read.
+            taken = {k: self._tensors[k] for k in keys}
+        return {k[len(prefix) :]: v for k, v in taken.items()}
+
+    def release(self) -> None:
+        """Drop the memory map once every tower that needs it is built."""
+        self._tensors = None
+
+
+def _strip_module(key: str) -> str:
+    return key[len("module.") :] if key.startswith("module.") else key
+
+
+def _build_structure(config: dict[str, Any]) -> Any:
+    """The model's modules with shapes only (meta device), or None if that is not possible."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return _build_clip(config)
+    except ModelError:
+        raise
+    except Exception:  # noqa: BLE001 - e.g. a timm trunk that calls .item() while building
+        return None
+
+
+def _towers_buildable(model: Any, config: dict[str, Any]) -> bool:
+    """Random weights tower by tower are supported for CLIP with open_clip's own text tower."""
+    from open_clip.model import CLIP
+
+    return type(model) is CLIP
+
+
+def _build_eagerly(config: dict[str, Any], weights: _WeightsFile | None) -> Any:
+    """The plain way: build with initialisation, then load weights (all towers, seeded)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_RANDOM_SEED)
+        model = _build_clip(config)
+    if weights is not None:
+        load_clip_weights(model, weights.load(), source=str(weights.path))
+    return model
+
+
+def _seeded(offset: int) -> Any:
+    """A context in which torch's CPU generator is seeded for one tower."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def context() -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_SEED + offset)
+            yield
+
+    return context()
+
+
+def _materialize_text(model: Any, config: dict[str, Any], weights: _WeightsFile | None) -> None:
+    """Give the text tower, ``logit_scale`` (and ``logit_bias``) real tensors."""
+    import torch
+
+    if weights is not None:
+        state = weights.load(exclude="visual.")
+        model.load_state_dict(state, strict=False, assign=True)
+    else:
+        from open_clip.model import _build_text_tower
+
+        with _seeded(1):
+            text = _build_text_tower(
+                config["embed_dim"], config["text_cfg"], config.get("quick_gelu", False), None
+            )
+        # CLIP holds the text tower's parts at its top level under the same names.
+        result = model.load_state_dict(text.state_dict(keep_vars=True), strict=False, assign=True)
+        if result.unexpected_keys:
+            raise ModelError(
+                f"cannot build random text weights for this config: {result.unexpected_keys[:4]}"
+            )
+        scale = float(config.get("init_logit_scale", math.log(1 / 0.07)))
+        shape = model.logit_scale.shape
+        model.logit_scale = torch.nn.Parameter(torch.full(shape, scale))
+        if getattr(model, "logit_bias", None) is not None:
+            bias = float(config.get("init_logit_bias", 0.0))
+            model.logit_bias = torch.nn.Parameter(torch.full(shape, bias))
+    if isinstance(getattr(model, "attn_mask", None), torch.Tensor) and model.attn_mask.is_meta:
+        # A non-persistent buffer: in no weights file. The causal mask, as open_clip builds it.
+        length = model.attn_mask.shape[0]
+        model.attn_mask = torch.full((length, length), float("-inf")).triu_(1)
+    leftover = [n for n, t in _named_tensors(model) if t.is_meta and not n.startswith("visual.")]
+    if leftover:
+        raise ModelError(f"cannot build the text tower of this model: {', '.join(leftover[:4])}")
+
+
+def _materialize_visual(model: Any, config: dict[str, Any], weights: _WeightsFile | None) -> None:
+    """Give the image tower real tensors (weights from the file, or seeded random ones)."""
+    from open_clip.model import _build_vision_tower
+
+    def fresh() -> Any:
+        with _seeded(2):
+            return _build_vision_tower(
+                config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False), None
+            )
+
+    if weights is not None:
+        model.visual.load_state_dict(weights.load("visual."), strict=True, assign=True)
+        if _has_meta(model.visual):
+            # Buffers that are not saved in weights files (rare): take a fresh tower's.
+            _adopt(model.visual, fresh(), only_meta=True)
+    else:
+        _adopt(model.visual, fresh(), only_meta=False)
+
+
+def _adopt(target: Any, source: Any, *, only_meta: bool) -> None:
+    """Move ``source``'s parameters and buffers into the same-shaped module ``target``."""
+    pairs = zip(target.named_modules(), source.named_modules(), strict=True)
+    for (target_name, target_module), (source_name, source_module) in pairs:
+        if target_name != source_name or type(target_module) is not type(source_module):
+            raise ModelError(f"internal error: tower layouts differ at {target_name!r}")
+        for table in ("_parameters", "_buffers"):
+            mine, theirs = getattr(target_module, table), getattr(source_module, table)
+            for key, tensor in theirs.items():
+                current = mine.get(key)
+                if not only_meta or (current is not None and current.is_meta):
+                    mine[key] = tensor
+
+
+def _named_tensors(module: Any) -> list[tuple[str, Any]]:
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+def _has_meta(module: Any) -> bool:
+    return any(t.is_meta for _name, t in _named_tensors(module))
+
+
+def _shapes_of(model: Any) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_clip_keys(
+    own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], *, source: str
+) -> None:
+    """Refuse weights that do not fit the model, listing the mismatched keys."""
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
     wrong_shape = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(own[k].shape) != tuple(state[k].shape)
+        f"{k} {given[k]} vs {own[k]}" for k in set(own) & set(given) if given[k] != own[k]
     )
     if missing or unexpected or wrong_shape:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        labelled = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+        for label, keys in labelled:
             if keys:
                 shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
                 parts.append(f"{label}: {shown}")
         raise ModelError(f"weights in {source} do not fit the model: " + "; ".join(parts))
+
+
+def load_clip_weights(model: Any, state: dict[str, Any], *, source: str) -> None:
+    """Load a CLIP state dict strictly, with a message listing mismatched keys."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_clip_keys(own, {k: tuple(v.shape) for k, v in state.items()}, source=source)
     model.load_state_dict(state, strict=True)
