@@ -51,7 +51,13 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ref = REFERENCE / name
         if not ref.is_dir():
             continue
-        args = ["adapter", "import", str(ref / "checkpoint.pt"), "--config", str(ref / "config.json")]
+        args = [
+            "adapter",
+            "import",
+            str(ref / "checkpoint.pt"),
+            "--config",
+            str(ref / "config.json"),
+        ]
         result = runner.invoke(app, [*args, "--out", str(out / name)])
         assert result.exit_code == 0, result.stderr
         folders[name] = out / name
@@ -60,14 +66,20 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
-    """Five images of different sizes and aspect ratios, PNG and JPEG (none large enough for draft decoding)."""
+    """Five images of different sizes and aspect ratios, PNG and JPEG.
+
+    None is large enough for imgrank's reduced-size JPEG decoding to apply, so
+    both pipelines see the same pixels.
+    """
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(7)
     sizes = [(97, 61), (40, 120), (64, 64), (150, 110), (33, 90)]
     for index, (width, height) in enumerate(sizes):
         y, x = np.mgrid[0:height, 0:width]
-        base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+        base = np.stack(
+            [x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1
+        )
         noise = rng.normal(0, 20 * index, size=base.shape)
         pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
         suffix = ".jpg" if index % 2 else ".png"
@@ -76,7 +88,7 @@ def photos(tmp_path: Path) -> Path:
 
 
 def authors_scores(name: str, files: list[Path], prompt: str) -> dict[str, float]:
-    """Scores from the authors' inference pipeline, computed without imgrank's backbone or image code."""
+    """Scores from the authors' inference pipeline, without imgrank's backbone or image code."""
     import open_clip
     from open_clip.model import CLIP
     from torchvision import transforms
@@ -85,11 +97,15 @@ def authors_scores(name: str, files: list[Path], prompt: str) -> dict[str, float
     config = json.loads((ref / "config.json").read_text())["model_config"]
     state = torch.load(ref / "checkpoint.pt", map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    clip = CLIP(embed_dim=config["embed_dim"], vision_cfg=config["vision_cfg"], text_cfg=config["text_cfg"])
+    clip = CLIP(
+        embed_dim=config["embed_dim"], vision_cfg=config["vision_cfg"], text_cfg=config["text_cfg"]
+    )
     clip.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")})
     clip.eval()
     adapter = RankingAdapter(AdapterConfig(**config["adapter_cfg"]))
-    adapter.load_state_dict({k[len("adapter.") :]: v for k, v in state.items() if k.startswith("adapter.")})
+    adapter.load_state_dict(
+        {k[len("adapter.") :]: v for k, v in state.items() if k.startswith("adapter.")}
+    )
     adapter.eval()
 
     size = config["vision_cfg"]["image_size"]
@@ -135,7 +151,7 @@ def test_sort_with_an_imported_checkpoint_gives_the_authors_scores(
     # Ranked best first; where the authors' scores are clearly apart, in their order.
     ranked = [row["path"] for row in table]
     assert [int(row["rank"]) for row in table] == list(range(1, len(table) + 1))
-    for better, worse in zip(ranked, ranked[1:]):
+    for better, worse in zip(ranked, ranked[1:], strict=False):
         assert expected[better] > expected[worse] - 2e-5
 
 
@@ -151,7 +167,9 @@ def test_the_prompt_is_encoded_once_per_run(
         return original(self, ids)
 
     monkeypatch.setattr(Backbone, "encode_token_ids", counting)
-    table = sort_csv(str(photos), "--by", PROMPT, "--adapter", str(imported["vit_tiny"]), "--batch-size", "1")
+    table = sort_csv(
+        str(photos), "--by", PROMPT, "--adapter", str(imported["vit_tiny"]), "--batch-size", "1"
+    )
     assert len(table) == 5
     assert calls == [1]  # one prompt, encoded once, for five single-image batches
 
@@ -177,9 +195,10 @@ def test_the_same_architecture_with_a_local_weights_file_is_accepted_with_a_warn
     ref = reference("vit_tiny")
     adapter = str(imported["vit_tiny"])
     own = sort_csv(str(photos), "--by", PROMPT, "--adapter", adapter)
-    result = runner.invoke(app, ["sort", str(photos), "--by", PROMPT, "--adapter", adapter,
-                                 "--model", str(ref / "config.json"),
-                                 "--pretrained", str(ref / "checkpoint.pt"), "--device", "cpu"])  # fmt: skip
+    same_weights = ["--model", str(ref / "config.json"), "--pretrained", str(ref / "checkpoint.pt")]
+    result = runner.invoke(
+        app, ["sort", str(photos), "--by", PROMPT, "--adapter", adapter, *same_weights]
+    )
     assert result.exit_code == 0, result.stderr
     assert "only meaningful if these are the same backbone weights" in result.stderr
     assert list(csv.DictReader(io.StringIO(result.stdout))) == own
@@ -187,15 +206,21 @@ def test_the_same_architecture_with_a_local_weights_file_is_accepted_with_a_warn
 
 def test_against_is_refused_with_an_adapter(imported: dict[str, Path], photos: Path) -> None:
     reference("vit_tiny")
-    result = runner.invoke(app, ["sort", str(photos), "--by", "sharp", "--against", "blurry",
-                                 "--adapter", str(imported["vit_tiny"]), "--device", "cpu"])  # fmt: skip
+    adapter = str(imported["vit_tiny"])
+    result = runner.invoke(
+        app, ["sort", str(photos), "--by", "sharp", "--against", "blurry", "--adapter", adapter]
+    )
     assert result.exit_code == 2
     assert "--against is for zero-shot scoring" in result.stderr
 
 
 def test_another_pretrained_tag_is_refused_before_any_download(tmp_path: Path) -> None:
-    adapter = RankingAdapter(AdapterConfig(d_model=512, num_layers=1, num_learnable_text_tokens=2, n_reg_tokens=2))
-    save_model_folder(tmp_path / "m", adapter, BackboneSpec(model="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+    adapter = RankingAdapter(
+        AdapterConfig(d_model=512, num_layers=1, num_learnable_text_tokens=2, n_reg_tokens=2)
+    )
+    save_model_folder(
+        tmp_path / "m", adapter, BackboneSpec(model="ViT-B-32", pretrained="laion2b_s34b_b79k")
+    )
     folder = load_model_folder(tmp_path / "m")
     spec, warnings = backbone_for(folder)
     assert (spec.model, spec.pretrained, warnings) == ("ViT-B-32", "laion2b_s34b_b79k", [])
@@ -219,7 +244,11 @@ class FakeText:
 
 def test_adapter_scorer_scores_tokens_with_the_regression_head() -> None:
     torch.manual_seed(3)
-    adapter = RankingAdapter(AdapterConfig(d_model=16, num_layers=1, n_head=4, num_learnable_text_tokens=1, n_reg_tokens=2)).eval()
+    adapter = RankingAdapter(
+        AdapterConfig(
+            d_model=16, num_layers=1, n_head=4, num_learnable_text_tokens=1, n_reg_tokens=2
+        )
+    ).eval()
     text = FakeText(torch.randn(1, 9, 16))
     scorer = AdapterScorer(adapter, text, "grain", prompt_format="a photo with {}")
     tokens = np.random.default_rng(0).normal(size=(3, 4, 16)).astype(np.float32)

@@ -51,7 +51,9 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 
 def tiny_adapter(**overrides: Any) -> RankingAdapter:
-    values: dict[str, Any] = dict(d_model=32, num_layers=1, n_head=4, num_learnable_text_tokens=2, n_reg_tokens=3)
+    values: dict[str, Any] = dict(
+        d_model=32, num_layers=1, n_head=4, num_learnable_text_tokens=2, n_reg_tokens=3
+    )
     values.update(overrides)
     torch.manual_seed(0)
     return RankingAdapter(AdapterConfig(**values)).eval()
@@ -63,8 +65,14 @@ def tiny_adapter(**overrides: Any) -> RankingAdapter:
 @pytest.mark.parametrize("name", ["vit_tiny", "convnext_tiny"])
 def test_import_makes_a_self_contained_folder(name: str, tmp_path: Path) -> None:
     ref = reference(name)
-    folder = import_authors_checkpoint(ref / "checkpoint.pt", ref / "config.json", tmp_path / "model")
-    assert sorted(p.name for p in folder.path.iterdir()) == [ADAPTER_FILE, BACKBONE_FILE, CONFIG_FILE]
+    folder = import_authors_checkpoint(
+        ref / "checkpoint.pt", ref / "config.json", tmp_path / "model"
+    )
+    assert sorted(p.name for p in folder.path.iterdir()) == [
+        ADAPTER_FILE,
+        BACKBONE_FILE,
+        CONFIG_FILE,
+    ]
     # The authors' preprocessing, verbatim prompts, their config inline, weights kept inside.
     assert folder.backbone_spec.preprocess == PreprocessConfig(
         image_size=64, resize_mode="squash", interpolation="bilinear"
@@ -95,7 +103,9 @@ def test_import_lists_the_mismatched_keys(tmp_path: Path) -> None:
     state["module.visual.proj"] = torch.zeros(96, 32)
     checkpoint = write_checkpoint(tmp_path / "edited.pt", state)
     with pytest.raises(AdapterMismatchError) as info:
-        import_authors_checkpoint(checkpoint, reference("vit_tiny") / "config.json", tmp_path / "out")
+        import_authors_checkpoint(
+            checkpoint, reference("vit_tiny") / "config.json", tmp_path / "out"
+        )
     message = str(info.value)
     assert "missing: adapter.reg_tokens" in message
     assert "unexpected: adapter.extra_head.weight" in message
@@ -119,7 +129,9 @@ def test_a_checkpoint_holding_objects_is_refused_not_unpickled(tmp_path: Path) -
     checkpoint = tmp_path / "pickled.pt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": NotATensor()}, checkpoint)
     with pytest.raises(ModelError, match="pickled code is refused"):
-        import_authors_checkpoint(checkpoint, reference("vit_tiny") / "config.json", tmp_path / "out")
+        import_authors_checkpoint(
+            checkpoint, reference("vit_tiny") / "config.json", tmp_path / "out"
+        )
 
 
 def test_import_never_writes_into_an_existing_folder(tmp_path: Path) -> None:
@@ -133,7 +145,9 @@ def test_import_never_writes_into_an_existing_folder(tmp_path: Path) -> None:
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-def test_a_failed_write_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_write_leaves_no_partial_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import imgrank.checkpoints as checkpoints
 
     def full_disk(tensors: Any, path: Path) -> None:
@@ -196,7 +210,10 @@ def test_save_and_load_round_trip_with_a_tag(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.path.iterdir()) == [ADAPTER_FILE, CONFIG_FILE]
     data = json.loads((folder.path / CONFIG_FILE).read_text())
     assert data["backbone"] == {
-        "model": "ViT-B-32", "model_config": None, "pretrained": "laion2b_s34b_b79k", "weights": None
+        "model": "ViT-B-32",
+        "model_config": None,
+        "pretrained": "laion2b_s34b_b79k",
+        "weights": None,
     }
     assert data["adapter"]["variant"] == "ranking-head"
     again = load_model_folder(tmp_path / "trained")
@@ -215,7 +232,11 @@ def test_save_and_load_round_trip_with_a_tag(tmp_path: Path) -> None:
 
 def test_a_backbone_of_another_width_is_refused_at_save(tmp_path: Path) -> None:
     with pytest.raises(AdapterMismatchError, match="does not fit an adapter of width 32"):
-        save_model_folder(tmp_path / "bad", tiny_adapter(), BackboneSpec(model="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+        save_model_folder(
+            tmp_path / "bad",
+            tiny_adapter(),
+            BackboneSpec(model="ViT-B-32", pretrained="laion2b_s34b_b79k"),
+        )
     assert not (tmp_path / "bad").exists()
 
 
@@ -229,7 +250,9 @@ def test_a_local_weights_file_is_copied_into_the_folder(tmp_path: Path) -> None:
     torch.save({"state_dict": {"module." + k: v for k, v in clip.state_dict().items()}}, weights)
     before = weights.read_bytes()
     folder = save_model_folder(
-        tmp_path / "model", tiny_adapter(), BackboneSpec(model=str(TINY_MODEL), pretrained=str(weights))
+        tmp_path / "model",
+        tiny_adapter(),
+        BackboneSpec(model=str(TINY_MODEL), pretrained=str(weights)),
     )
     assert weights.read_bytes() == before
     assert folder.backbone_weights == folder.path / BACKBONE_FILE
@@ -240,7 +263,9 @@ def test_a_local_weights_file_is_copied_into_the_folder(tmp_path: Path) -> None:
 
 
 def make_folder(tmp_path: Path) -> Path:
-    save_model_folder(tmp_path / "model", tiny_adapter(), BackboneSpec(model=str(TINY_MODEL), pretrained="none"))
+    save_model_folder(
+        tmp_path / "model", tiny_adapter(), BackboneSpec(model=str(TINY_MODEL), pretrained="none")
+    )
     return tmp_path / "model"
 
 
@@ -259,7 +284,10 @@ def edit_config(folder: Path, **changes: Any) -> None:
     ("changes", "words"),
     [
         ({"format_version": 2}, "format version 2 is not supported"),
-        ({"backbone__pretrained": None, "backbone__weights": "../elsewhere.safetensors"}, "inside the folder"),
+        (
+            {"backbone__pretrained": None, "backbone__weights": "../elsewhere.safetensors"},
+            "inside the folder",
+        ),
         ({"backbone__pretrained": None, "backbone__weights": "backbone.pt"}, r"\.safetensors file"),
         ({"backbone__pretrained": "/tmp/weights.pt"}, "must be an open_clip tag"),
         ({"backbone__weights": "backbone.safetensors"}, "exactly one"),
@@ -297,14 +325,25 @@ def test_cli_import_then_info(tmp_path: Path) -> None:
     ref = reference("convnext_tiny")
     out = tmp_path / "count"
     result = runner.invoke(
-        app, ["adapter", "import", str(ref / "checkpoint.pt"), "--config", str(ref / "config.json"), "--out", str(out)]
+        app,
+        [
+            "adapter",
+            "import",
+            str(ref / "checkpoint.pt"),
+            "--config",
+            str(ref / "config.json"),
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(out.resolve())
     info = runner.invoke(app, ["adapter", "info", str(out)])
     assert info.exit_code == 0, info.stderr
     lines = dict(line.split(None, 1) for line in info.stdout.splitlines())
-    assert lines["adapter"].startswith("full: width 64, 2 layers, 8 heads, 4 learnable text tokens, 4 rank tokens")
+    assert lines["adapter"].startswith(
+        "full: width 64, 2 layers, 8 heads, 4 learnable text tokens, 4 rank tokens"
+    )
     assert lines["backbone"] == "convnext_tiny (config kept in the folder)"
     assert lines["weights"].startswith("backbone.safetensors in the folder")
     assert lines["preprocess"].startswith("squash-resize to 64x64 (bilinear)")
@@ -316,7 +355,13 @@ def test_cli_import_then_info(tmp_path: Path) -> None:
 def test_cli_import_mismatch_exits_with_the_model_error_code(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
-        ["adapter", "import", str(reference("vit_tiny") / "checkpoint.pt"), "--out", str(tmp_path / "x")],
+        [
+            "adapter",
+            "import",
+            str(reference("vit_tiny") / "checkpoint.pt"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
     )
     # Without --config the released checkpoints' config is assumed; this tiny one does not fit it.
     assert result.exit_code == 4

@@ -149,7 +149,11 @@ class _MLP(nn.Sequential):
     def __init__(self, width: int) -> None:
         super().__init__(
             OrderedDict(
-                [("c_fc", nn.Linear(width, 4 * width)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(4 * width, width))]
+                [
+                    ("c_fc", nn.Linear(width, 4 * width)),
+                    ("gelu", nn.GELU()),
+                    ("c_proj", nn.Linear(4 * width, width)),
+                ]
             )
         )
 
@@ -188,7 +192,7 @@ class _CrossAttentionBlock(nn.Module):
 
 
 class _CrossModalBlock(nn.Module):
-    """``num_layers`` x (self-attention block, cross-attention block), then LayerNorm and projection."""
+    """``num_layers`` x (self-attention, cross-attention), then LayerNorm and projection."""
 
     def __init__(self, width: int, heads: int, layers: int) -> None:
         super().__init__()
@@ -206,7 +210,7 @@ class _CrossModalBlock(nn.Module):
 
 
 class _Head(nn.Module):
-    """An MLP head ending in one logit; ``pre_linear_block`` and ``output_head`` are the authors' names."""
+    """An MLP head ending in one logit (module names as in the authors' state dict)."""
 
     def __init__(self, layers: list[nn.Module], width: int) -> None:
         super().__init__()
@@ -256,7 +260,9 @@ class _RankingAwareAttention(nn.Module):
         self.ln_kv = nn.LayerNorm(width)
         self.out_proj = nn.Linear(width, width)
 
-    def pooled(self, queries: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pooled(
+        self, queries: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image attention: ``(o (N, H, Q, hd), lse (N, H, Q))``."""
         n, p, width = tokens.shape
         hd = width // self.heads
@@ -296,7 +302,9 @@ class RankingAdapter(nn.Module):
         self.config = config
         width, heads, layers = config.d_model, config.n_head, config.num_layers
         if config.num_learnable_text_tokens:
-            self.learnable_text_tokens = nn.Parameter(torch.zeros(1, config.num_learnable_text_tokens))
+            self.learnable_text_tokens = nn.Parameter(
+                torch.zeros(1, config.num_learnable_text_tokens)
+            )
             nn.init.normal_(self.learnable_text_tokens, std=0.02)
         else:
             self.learnable_text_tokens = None
@@ -305,7 +313,11 @@ class RankingAdapter(nn.Module):
             nn.init.normal_(self.reg_tokens, std=0.02)
         self.crossmodal_block = _CrossModalBlock(width, heads, layers)
         encoder_layer = nn.TransformerEncoderLayer(
-            d_model=width, nhead=heads, dim_feedforward=width, dropout=config.dropout, batch_first=True
+            d_model=width,
+            nhead=heads,
+            dim_feedforward=width,
+            dropout=config.dropout,
+            batch_first=True,
         )
         self.post_fuse_block = nn.TransformerEncoder(
             encoder_layer, num_layers=layers, enable_nested_tensor=False
@@ -321,7 +333,8 @@ class RankingAdapter(nn.Module):
         width = self.config.d_model
         if image_tokens.ndim != 3 or image_tokens.shape[-1] != width:
             raise ModelError(
-                f"the adapter expects image tokens (N, P, {width}); got {tuple(image_tokens.shape)}. "
+                f"the adapter expects image tokens (N, P, {width}); "
+                f"got {tuple(image_tokens.shape)}. "
                 "The backbone does not produce the tokens this adapter was trained on."
             )
         if text_tokens.ndim != 3 or text_tokens.shape[-1] != width:
@@ -334,7 +347,8 @@ class RankingAdapter(nn.Module):
             text_tokens = text_tokens.expand(n, -1, -1)
         elif text_tokens.shape[0] != n:
             raise ModelError(
-                f"{n} images but {text_tokens.shape[0]} prompts: pass one prompt per image or one for all"
+                f"{n} images but {text_tokens.shape[0]} prompts: "
+                "pass one prompt per image or one for all"
             )
         return text_tokens
 
@@ -369,7 +383,9 @@ class RankingAdapter(nn.Module):
         if variant == "full":
             pair = self.pair_regressor(self.reg_token_pooler.pair_features(self.reg_tokens, fused))
         elif variant == "ranking-head":
-            pair = self.pair_regressor((pooled.unsqueeze(1) - pooled.unsqueeze(0)).reshape(n * n, -1))
+            pair = self.pair_regressor(
+                (pooled.unsqueeze(1) - pooled.unsqueeze(0)).reshape(n * n, -1)
+            )
         else:  # "ltr": the pairwise loss acts on score differences
             pair = (scores.reshape(n, 1) - scores.reshape(1, n)).reshape(n * n, 1)
         return scores, pair

@@ -21,8 +21,6 @@ import numpy as np
 from imgrank.errors import AdapterMismatchError, ModelError
 
 if TYPE_CHECKING:
-    import torch
-
     from imgrank.adapter import RankingAdapter
     from imgrank.backbone import Backbone, BackboneSpec, TextFeatures
     from imgrank.checkpoints import ModelFolder
@@ -95,7 +93,9 @@ class AdapterScorer:
         if batch.tokens is None:
             raise ModelError("the adapter needs visual tokens, but the image encoder gave none")
         torch = self._torch
-        tokens = torch.from_numpy(np.ascontiguousarray(batch.tokens)).to(self._device, dtype=self._dtype)
+        tokens = torch.from_numpy(np.ascontiguousarray(batch.tokens)).to(
+            self._device, dtype=self._dtype
+        )
         with torch.inference_mode():
             scores = self.adapter.score(tokens, self._text)
         return scores.reshape(-1).double().cpu().numpy()
@@ -225,7 +225,7 @@ def load_adapter_scoring(
         backbone,
         prompt,
         prompt_format=folder.prompt_format,
-        name=f"ranking adapter {folder.path.name} ({folder.variant}) on {folder.backbone_spec.model}",
+        name=f"ranking adapter {folder.path.name} ({folder.variant}) "
+        f"on {folder.backbone_spec.model}",
     )
     return backbone, scorer
-

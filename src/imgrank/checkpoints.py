@@ -216,12 +216,16 @@ def adapter_token_widths(config: dict[str, Any]) -> tuple[int, int]:
                 "(use their config, e.g. the shipped convnext_large_d_320-adapter)"
             )
     elif "hf_model_name" in config.get("text_cfg", {}):
-        raise AdapterMismatchError("adapters run on open_clip's own text towers, not Hugging Face ones")
+        raise AdapterMismatchError(
+            "adapters run on open_clip's own text towers, not Hugging Face ones"
+        )
     text_width = int(config.get("text_cfg", {}).get("width", 512))
     return embed_dim, text_width
 
 
-def check_backbone_fits(config: dict[str, Any], adapter_config: AdapterConfig, *, what: str) -> None:
+def check_backbone_fits(
+    config: dict[str, Any], adapter_config: AdapterConfig, *, what: str
+) -> None:
     """Refuse a backbone whose tokens do not have the adapter's width.
 
     Raises:
@@ -259,7 +263,9 @@ def _authors_preprocess(config: dict[str, Any]) -> PreprocessConfig:
 # state-dict checks
 
 
-def _mismatches(expected: dict[str, tuple[int, ...]], state: dict[str, Any], prefix: str = "") -> list[str]:
+def _mismatches(
+    expected: dict[str, tuple[int, ...]], state: dict[str, Any], prefix: str = ""
+) -> list[str]:
     """Human-readable differences between the keys/shapes a module needs and a state dict."""
     problems = []
     missing = sorted(set(expected) - set(state))
@@ -301,7 +307,8 @@ def load_adapter_state(module: RankingAdapter, state: dict[str, Any], *, source:
     if problems:
         raise AdapterMismatchError(
             f"the adapter weights in {source} do not fit its config "
-            f"(variant {module.config.variant}, d_model {module.config.d_model}): " + "; ".join(problems)
+            f"(variant {module.config.variant}, d_model {module.config.d_model}): "
+            + "; ".join(problems)
         )
     module.load_state_dict(state, strict=True)
 
@@ -372,14 +379,18 @@ def load_model_folder(path: str | Path) -> ModelFolder:
         # not make imgrank read (let alone unpickle) a file from elsewhere.
         if weights_path.parent != folder or weights_path.suffix != ".safetensors":
             raise _config_error(
-                folder, f"backbone weights {weights!r} must be a .safetensors file inside the folder"
+                folder,
+                f"backbone weights {weights!r} must be a .safetensors file inside the folder",
             )
         if not weights_path.is_file():
             raise ModelError(f"{weights_path} is missing: the model folder is incomplete")
         pretrained = str(weights_path)
-    elif os.sep in str(pretrained) or str(pretrained).endswith((".pt", ".bin", ".pth", ".safetensors")):
+    elif os.sep in str(pretrained) or str(pretrained).endswith(
+        (".pt", ".bin", ".pth", ".safetensors")
+    ):
         raise _config_error(
-            folder, f"backbone pretrained {pretrained!r} must be an open_clip tag or 'none', not a file"
+            folder,
+            f"backbone pretrained {pretrained!r} must be an open_clip tag or 'none', not a file",
         )
     target_range = data.get("target_range")
     if target_range is not None:
@@ -537,7 +548,9 @@ def save_model_folder(
         "backbone": entry,
         "preprocess": preprocess.to_dict(),
         "prompt_format": prompt_format,
-        "target_range": None if target_range is None else [float(target_range[0]), float(target_range[1])],
+        "target_range": None
+        if target_range is None
+        else [float(target_range[0]), float(target_range[1])],
         "source": source or {},
     }
     out_path = Path(out)
@@ -607,10 +620,13 @@ def import_authors_checkpoint(
     clip_state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     adapter = RankingAdapter(adapter_config)
     problems = [f"CLIP keys {p}" for p in _mismatches(_clip_shapes(model_config), clip_state)]
-    problems += [f"adapter keys {p}" for p in _mismatches(_shapes(adapter), adapter_state, prefix=prefix)]
+    problems += [
+        f"adapter keys {p}" for p in _mismatches(_shapes(adapter), adapter_state, prefix=prefix)
+    ]
     if problems:
         raise AdapterMismatchError(
-            f"{checkpoint} does not match the model config {config}: " + "; ".join(problems)
+            f"{checkpoint} does not match the model config {config}: "
+            + "; ".join(problems)
             + ". Pass the config the checkpoint was trained with (--config)."
         )
     adapter.load_state_dict(adapter_state, strict=True)

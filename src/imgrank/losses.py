@@ -55,7 +55,11 @@ def _flat_targets(targets: torch.Tensor, n: int) -> torch.Tensor:
 def pair_labels(targets: torch.Tensor) -> torch.Tensor:
     """(N*N,) float labels ``1[y_i > y_j]`` in the pair-logit layout (ties and i == j are 0)."""
     y = targets.reshape(-1)
-    return (y.unsqueeze(1) > y.unsqueeze(0)).reshape(-1).to(y.dtype if y.is_floating_point() else torch.float32)
+    return (
+        (y.unsqueeze(1) > y.unsqueeze(0))
+        .reshape(-1)
+        .to(y.dtype if y.is_floating_point() else torch.float32)
+    )
 
 
 def _check_pairs(pair_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -74,7 +78,7 @@ def regression_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def pairwise_bce_loss(pair_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BCE with logits against ``1[y_i > y_j]`` over all N*N ordered pairs (the released default)."""
+    """BCE with logits against ``1[y_i > y_j]`` over all N*N ordered pairs (released default)."""
     logits = _check_pairs(pair_logits, targets)
     return F.binary_cross_entropy_with_logits(logits, pair_labels(targets).to(logits.dtype))
 
@@ -135,6 +139,10 @@ def adapter_loss(
         raise ValueError(f"rank must be one of {', '.join(RANK_LOSSES)}, not {rank!r}")
     reg = regression_loss(scores, targets)
     rank_term = (
-        pairwise_bce_loss(pair_logits, targets) if rank == "bce" else pairwise_hinge_loss(pair_logits, targets)
+        pairwise_bce_loss(pair_logits, targets)
+        if rank == "bce"
+        else pairwise_hinge_loss(pair_logits, targets)
     )
-    return LossParts(total=regression_weight * reg + rank_weight * rank_term, regression=reg, rank=rank_term)
+    return LossParts(
+        total=regression_weight * reg + rank_weight * rank_term, regression=reg, rank=rank_term
+    )

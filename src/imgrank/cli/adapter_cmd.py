@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -35,7 +35,7 @@ def import_checkpoint(
         "(default: the one of their released checkpoints).",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to create (must not exist)."),
-    name: Optional[str] = typer.Option(
+    name: str | None = typer.Option(
         None, "--name", help="Backbone name to record (default: from the config file name)."
     ),
 ) -> None:
@@ -81,18 +81,29 @@ def info(
     spec = model.backbone_spec
     preprocess = spec.preprocess
     weights = model.backbone_weights
+    described_adapter = (
+        f"{cfg.variant}: width {cfg.d_model}, {cfg.num_layers} layers, {cfg.n_head} heads, "
+        f"{cfg.num_learnable_text_tokens} learnable text tokens, {cfg.n_reg_tokens} rank tokens, "
+        f"{count_parameters(adapter):,} parameters"
+    )
+    if weights is not None:
+        described_weights = f"{weights.name} in the folder ({_size(weights)})"
+    else:
+        described_weights = f"open_clip tag {spec.pretrained}"
+    prompts = model.prompt_format
+    targets = model.target_range
     rows: list[tuple[str, Any]] = [
         ("folder", model.path),
-        ("adapter", f"{cfg.variant}: width {cfg.d_model}, {cfg.num_layers} layers, {cfg.n_head} heads, "
-                    f"{cfg.num_learnable_text_tokens} learnable text tokens, {cfg.n_reg_tokens} rank tokens, "
-                    f"{count_parameters(adapter):,} parameters"),
+        ("adapter", described_adapter),
         ("backbone", spec.model + (" (config kept in the folder)" if spec.model_config else "")),
-        ("weights", f"{weights.name} in the folder ({_size(weights)})" if weights else f"open_clip tag {spec.pretrained}"),
+        ("weights", described_weights),
         ("preprocess", _describe_preprocess(preprocess) if preprocess else "open_clip default"),
-        ("prompts", "verbatim" if model.prompt_format == "{}" else f"formatted as {model.prompt_format!r}"),
-        ("targets", "unknown" if model.target_range is None
-                    else f"{model.target_range[0]:g} to {model.target_range[1]:g} in training"),
-    ]  # fmt: skip
+        ("prompts", "verbatim" if prompts == "{}" else f"formatted as {prompts!r}"),
+        (
+            "targets",
+            "unknown" if targets is None else f"{targets[0]:g} to {targets[1]:g} in training",
+        ),
+    ]
     if model.source:
         rows.append(("source", json.dumps(model.source, sort_keys=True)))
     width = max(len(label) for label, _ in rows)
