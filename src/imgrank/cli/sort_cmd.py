@@ -72,6 +72,21 @@ def sort(
     copy: Optional[Path] = typer.Option(
         None, "--copy", help="Also create rank-ordered copies (0001_name.jpg, ...) in DIR."
     ),
+    rename: bool = typer.Option(
+        False,
+        "--rename",
+        help="Show how the photos would be renamed into rank order (old -> new, on stdout "
+        "instead of the ranking); changes nothing without --apply.",
+    ),
+    apply: bool = typer.Option(
+        False, "--apply", help="With --rename: do rename the photos (undo: `imgrank undo --last`)."
+    ),
+    name_template: Optional[str] = typer.Option(
+        None,
+        "--name-template",
+        help='With --rename: new names from {rank}, {score}, {stem}, {ext} '
+        '(default "{rank}_{stem}{ext}"). See docs/safety.md.',
+    ),
     errors: Optional[Path] = typer.Option(
         None, "--errors", help="Write the skipped files as CSV (path,reason) to FILE."
     ),
@@ -107,6 +122,15 @@ def sort(
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if null and fmt != "paths":
         raise UsageError("--null only applies to --format paths")
+    from imgrank.cli.runs_cmd import (
+        check_before_writing,
+        rename_after_sort,
+        validate_rename_options,
+    )
+
+    validate_rename_options(rename, apply, name_template)
+    if link is not None or copy is not None:
+        check_before_writing()  # no new files while an interrupted rename run is unsettled
     exclude = [p for p in (link, copy) if p is not None]
     request = SortRequest(
         folder=folder,
@@ -169,7 +193,12 @@ def sort(
             if errors_stream is not None:
                 # Written even when the run ends with no image ranked: that is when it matters most.
                 write_errors_csv(skipped, errors_stream)
-        write_ranking(ranking.items, out_stream, fmt, null=null)
+        if rename:  # first, so the ranking, links and copies name the files as they now are
+            ranking.items = rename_after_sort(
+                ranking.items, folder, prompt=by, template=name_template, apply=apply, quiet=quiet
+            )
+        if not rename or output is not None:
+            write_ranking(ranking.items, out_stream, fmt, null=null)
         if link is not None:
             materialize(ranking.items, link, mode="link")
         if copy is not None:
