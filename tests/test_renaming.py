@@ -462,3 +462,94 @@ def test_property_no_plan_maps_two_files_to_one_name(
         }
         assert not outside & set(final)
         assert snapshot(folder) == before
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _cli(*args: str):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from imgrank.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def _sort(folder: Path, *extra: str):  # type: ignore[no-untyped-def]
+    from conftest import tiny_args
+
+    return _cli("sort", str(folder), "--by", "image quality", *tiny_args(), *extra)
+
+
+def test_sort_rename_prints_the_plan_and_changes_nothing(photo_dir: Path) -> None:
+    before = snapshot(photo_dir)
+    result = _sort(photo_dir, "--rename")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4
+    olds = [line.split(" -> ")[0] for line in lines]
+    news = [line.split(" -> ")[1] for line in lines]
+    assert sorted(olds) == sorted(before)
+    assert news == [f"{rank}_{old}" for rank, old in enumerate(olds, 1)]
+    assert "add --apply" in result.stderr
+    assert snapshot(photo_dir) == before
+
+
+def test_sort_rename_apply_then_undo_last(photo_dir: Path, tmp_path: Path) -> None:
+    before = snapshot(photo_dir)
+    ranking_file = tmp_path / "ranking.csv"
+    result = _sort(photo_dir, "--rename", "--apply", "--output", str(ranking_file))
+    assert result.exit_code == 0, result.stderr
+    planned = [line.split(" -> ")[1] for line in result.stdout.splitlines()]
+    assert sorted(os.listdir(photo_dir)) == sorted(planned)
+    # The ranking file names the files as they are now.
+    rows = ranking_file.read_text().splitlines()[1:]
+    assert [Path(row.split(",", 2)[2]).name for row in rows] == planned
+    # Sorting again by the same prompt changes nothing.
+    again = _sort(photo_dir, "--rename", "--apply")
+    assert again.exit_code == 0 and again.stdout == "" and "nothing to rename" in again.stderr
+    listing = _cli("runs")
+    assert "applied" in listing.stdout and "image quality" in listing.stdout
+    undone = _cli("undo", "--last")
+    assert undone.exit_code == 0, undone.stderr
+    assert snapshot(photo_dir) == before
+    assert "undone" in _cli("runs").stdout
+
+
+def test_links_made_with_a_rename_point_at_the_new_names(photo_dir: Path, tmp_path: Path) -> None:
+    links = tmp_path / "links"
+    result = _sort(photo_dir, "--rename", "--apply", "--link", str(links))
+    assert result.exit_code == 0, result.stderr
+    for link in links.iterdir():
+        assert link.resolve().exists() and link.resolve().parent == photo_dir.resolve()
+
+
+def test_rename_options_are_checked_before_any_work(photo_dir: Path) -> None:
+    assert _sort(photo_dir, "--apply").exit_code == 2
+    bad = _sort(photo_dir, "--rename", "--name-template", "{rank}")
+    assert bad.exit_code == 2 and "{ext}" in bad.stderr
+    assert _sort(photo_dir, "--name-template", "{rank}{ext}").exit_code == 2
+    assert _cli("undo").exit_code == 2  # neither RUN_ID nor --last
+
+
+def test_writing_commands_refuse_while_a_run_is_unfinished(photo_dir: Path, tmp_path: Path) -> None:
+    from imgrank.journal import JournalWriter
+
+    plan = plan_renames(ranked(photo_dir, sorted(os.listdir(photo_dir))))
+    JournalWriter.create(
+        run_id=plan.run_id, kind="sort", folder=photo_dir, steps=plan.steps()
+    ).close()
+    for extra in (
+        ["--rename", "--apply"],
+        ["--link", str(tmp_path / "l")],
+        ["--copy", str(tmp_path / "c")],
+    ):
+        result = _sort(photo_dir, *extra)
+        assert result.exit_code == 6, extra
+        assert "imgrank recover" in result.stderr and plan.run_id in result.stderr
+    assert not (tmp_path / "l").exists() and not (tmp_path / "c").exists()
+    # A dry run and a plain ranking still work: they write nothing into the folder.
+    assert _sort(photo_dir, "--rename").exit_code == 0
+    recovered = _cli("recover")
+    assert recovered.exit_code == 0 and "original names" in recovered.stderr
+    assert _sort(photo_dir, "--rename", "--apply").exit_code == 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
+from imgrank.cache import EmbeddingCache
 from imgrank.errors import NoImagesRankedError, UsageError
 from imgrank.images import DEFAULT_MAX_PIXELS, find_images
 from imgrank.pipeline import DEFAULT_BATCH_SIZE, score_images
@@ -38,6 +39,10 @@ class SortRequest:
     ascending: bool = False
     top: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Embedding cache file (None: ``imgrank.paths.default_cache_db()``).
+    cache: Path | None = None
+    #: False (--no-cache): neither read nor write the embedding cache.
+    use_cache: bool = True
     #: A ranking-adapter model folder: score with it instead of zero-shot CLIP.
     adapter: Path | None = None
     #: With an adapter, whether --model / --pretrained were given explicitly (otherwise
@@ -78,6 +83,8 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         raise UsageError("--top must be at least 1")
     if request.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if request.cache is not None and not request.use_cache:
+        raise UsageError("--cache and --no-cache contradict each other; give one of them")
 
     started = time.perf_counter()
     skipped: list[SkippedFile] = []
@@ -115,19 +122,28 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
             BackboneSpec(model=request.model, pretrained=request.pretrained),
             device=request.device,
             warn=callbacks.warn,
+            # Built on first use: a re-sort served from the cache needs no image tower.
+            lazy_image_tower=True,
         )
         scorer = ZeroShotScorer.for_backbone(backbone, request.prompt, request.against)
     callbacks.found(len(paths))
-    scored = score_images(
-        paths,
-        backbone,
-        scorer,
-        batch_size=request.batch_size,
-        workers=request.workers,
-        max_pixels=request.max_pixels,
-        on_skip=on_skip,
-        on_progress=callbacks.advance,
-    )
+    cache = _open_cache(request, callbacks.warn)
+    try:
+        scored = score_images(
+            paths,
+            backbone,
+            scorer,
+            batch_size=request.batch_size,
+            workers=request.workers,
+            max_pixels=request.max_pixels,
+            on_skip=on_skip,
+            on_progress=callbacks.advance,
+            cache=cache,
+            on_warning=callbacks.warn,
+        )
+    finally:
+        if cache is not None:
+            cache.close()  # writes the features still buffered
     if not scored:
         raise NoImagesRankedError(
             f"none of the {len(paths)} image files in {request.folder} could be read "
@@ -156,3 +172,21 @@ def _nothing_found_message(request: SortRequest, skipped: list[SkippedFile]) -> 
     if skipped:
         message += f"; {len(skipped)} file(s) could not be used (see above)"
     return message
+
+
+def _open_cache(request: SortRequest, warn: Callable[[str], None]) -> EmbeddingCache | None:
+    """The run's embedding cache; None with --no-cache or when it cannot be opened.
+
+    A cache that cannot be opened (read-only folder, a file from a newer
+    imgrank) costs speed, not the run: the sort goes on without it.
+    """
+    if not request.use_cache:
+        return None
+    from imgrank.cache import open_cache
+    from imgrank.errors import CacheError
+
+    try:
+        return open_cache(request.cache, on_warning=warn)
+    except CacheError as exc:
+        warn(f"{exc} Going on without the cache.")
+        return None

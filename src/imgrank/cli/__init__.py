@@ -40,6 +40,9 @@ def _root(
 from imgrank.cli import sort_cmd  # noqa: E402
 
 app.command("sort")(sort_cmd.sort)
+from imgrank.cli import cache_cmd  # noqa: E402
+
+app.add_typer(cache_cmd.app, name="cache")
 from imgrank.cli import export_cmd  # noqa: E402
 
 app.command("export")(export_cmd.export)

@@ -187,13 +187,18 @@ def rename_after_sort(
     template: str | None,
     apply: bool,
     quiet: bool = False,
-) -> None:
+) -> list[RankedImage]:
     """``sort --rename [--apply]``: print the plan (old -> new) on stdout, then maybe apply it.
+
+    Returns:
+        The ranking with each path as it is after this step (the new names
+        when applied), so links, copies and the ranking file point at real files.
 
     Raises:
         UsageError: bad ``--name-template``.
         UnsafeOperationError: the plan is unsafe, or a rename failed (and was reversed).
     """
+    from imgrank.ranking import RankedImage
     from imgrank.renaming import DEFAULT_TEMPLATE, apply_plan, describe_plan, plan_renames
 
     plan = plan_renames(items, template=template or DEFAULT_TEMPLATE)
@@ -206,20 +211,27 @@ def rename_after_sort(
             err_console.print(
                 f"nothing to rename: all {len(plan.unchanged)} file(s) already have their names"
             )
-        return
+        return items
     if not apply:
         if not quiet:
             err_console.print(
                 f"would rename {len(plan.renames)} file(s) (nothing changed); "
                 "add --apply to rename them"
             )
-        return
+        return items
     result = apply_plan(plan, folder=folder, prompt=prompt)
     if not quiet:
         err_console.print(
             f"renamed {result.renamed} file(s) (run {result.run_id}); "
             "`imgrank undo --last` puts the old names back"
         )
+    new_names = {r.source: r.target.name for r in plan.renames}
+
+    def now(path: Path) -> Path:
+        # Same folder, same style of path (relative stays relative), new name.
+        return path.parent / new_names.get(Path(os.path.abspath(path)), path.name)
+
+    return [RankedImage(i.rank, i.score, now(i.path)) for i in items]
 
 
 def validate_rename_options(rename: bool, apply: bool, template: str | None) -> None:

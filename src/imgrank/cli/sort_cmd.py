@@ -97,6 +97,15 @@ def sort(
         DEFAULT_MAX_PIXELS, "--max-pixels", help="Skip images larger than this (decompression bombs)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+    cache: Optional[Path] = typer.Option(
+        None,
+        "--cache",
+        help="Embedding cache file (default: embeddings.sqlite3 in the user cache folder). "
+        "Re-sorting a folder reads its features from the cache instead of decoding the photos.",
+    ),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Neither read nor write the embedding cache."
+    ),
     adapter: Optional[Path] = typer.Option(
         None,
         "--adapter",
@@ -147,6 +156,8 @@ def sort(
         ascending=ascending,
         top=top,
         max_pixels=max_pixels,
+        cache=cache,
+        use_cache=not no_cache,
         adapter=adapter,
         model_given=_given(ctx, "model"),
         pretrained_given=_given(ctx, "pretrained"),
