@@ -1,0 +1,174 @@
+"""``imgrank cache info|prune|clear``: look after the embedding cache.
+
+The cache (see :mod:`imgrank.cache`) only holds re-creatable features of
+photos; nothing here touches a photo. Data (the info table or JSON) goes to
+stdout; summaries of what was removed go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.markup import escape
+
+from imgrank.cli.common import err_console, handle_errors
+
+if TYPE_CHECKING:
+    from imgrank.cache import EmbeddingCache
+
+app = typer.Typer(
+    name="cache",
+    help="The embedding cache that makes re-sorting a folder nearly free: info, prune, clear.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+_CACHE_HELP = "Cache database file (default: embeddings.sqlite3 in the user cache folder)."
+CacheOption = Annotated[Path | None, typer.Option("--cache", help=_CACHE_HELP)]
+
+
+def _path(cache: Path | None) -> Path:
+    from imgrank.paths import default_cache_db
+
+    return (cache or default_cache_db()).expanduser().absolute()
+
+
+def _open(path: Path) -> EmbeddingCache | None:
+    from imgrank.cache import open_existing
+
+    return open_existing(path)
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds))
+
+
+@app.command("info")
+@handle_errors
+def info(
+    cache: CacheOption = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Also run SQLite's integrity check (reads the whole file)."),
+    ] = False,
+) -> None:
+    """Show where the cache is, its size on disk, and its entries per model."""
+    path = _path(cache)
+    store = _open(path)
+    if store is None:
+        if as_json:
+            print(json.dumps({"path": str(path), "exists": False, "entries": 0, "models": []}))
+        else:
+            print(f"no embedding cache at {path} yet (the first `imgrank sort` creates it)")
+        return
+    with store:
+        summary = store.summary()
+        integrity = store.integrity_check() if check else None
+    if as_json:
+        record = {
+            "path": str(summary.path),
+            "exists": True,
+            "disk_bytes": summary.disk_bytes,
+            "entries": summary.entries,
+            "schema_version": summary.schema_version,
+            "models": [
+                {
+                    "fingerprint": m.fingerprint,
+                    "description": m.description,
+                    "entries": m.entries,
+                    "payload_bytes": m.payload_bytes,
+                    "bytes_per_entry": round(m.bytes_per_entry, 1),
+                    "last_used": _iso(m.last_used_at),
+                }
+                for m in summary.models
+            ],
+        }
+        if integrity is not None:
+            record["integrity"] = integrity
+        print(json.dumps(record))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    out.print(f"cache:   {escape(str(summary.path))}")
+    out.print(f"on disk: {_size(summary.disk_bytes)}")
+    out.print(f"entries: {summary.entries}")
+    if integrity is not None:
+        out.print(f"check:   {escape('; '.join(integrity[:5]))}")
+    if summary.models:
+        table = Table(show_edge=False, pad_edge=False)
+        for column in ("model", "entries", "per image", "last used", "fingerprint"):
+            table.add_column(
+                column, justify="right" if column in ("entries", "per image") else "left"
+            )
+        for m in summary.models:
+            table.add_row(
+                escape(m.description),
+                str(m.entries),
+                _size(m.bytes_per_entry),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(m.last_used_at)),
+                m.fingerprint,
+            )
+        out.print(table)
+
+
+@app.command("prune")
+@handle_errors
+def prune(cache: CacheOption = None) -> None:
+    """Remove entries of photos that were deleted, moved or changed since they were cached.
+
+    Photos on a disk that is not mounted look deleted: mount it first.
+    """
+    path = _path(cache)
+    store = _open(path)
+    if store is None:
+        err_console.print(f"no embedding cache at {escape(str(path))}: nothing to prune")
+        return
+    with store:
+        before = store.summary().disk_bytes
+        result = store.prune()
+        after = store.summary().disk_bytes
+    err_console.print(
+        f"pruned {result.missing} entr{'y' if result.missing == 1 else 'ies'} of missing files "
+        f"and {result.changed} of changed files; kept {result.kept}; "
+        f"{_size(max(0, before - after))} freed"
+    )
+
+
+@app.command("clear")
+@handle_errors
+def clear(cache: CacheOption = None) -> None:
+    """Remove every entry (the next sort of each folder embeds its photos again)."""
+    path = _path(cache)
+    store = _open(path)
+    if store is None:
+        err_console.print(f"no embedding cache at {escape(str(path))}: nothing to clear")
+        return
+    with store:
+        before = store.summary().disk_bytes
+        removed = store.clear()
+        after = store.summary().disk_bytes
+    err_console.print(
+        f"cleared {removed} entr{'y' if removed == 1 else 'ies'}; "
+        f"{_size(max(0, before - after))} freed"
+    )
