@@ -1,4 +1,4 @@
-"""ONNX export and the onnxruntime path: tokenizer ids, parity with torch, safety, no torch import."""
+"""ONNX export and the onnxruntime path: tokenizer ids, torch parity, safety, no torch import."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PHOTOS, SHARED, TINY_MODEL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import PHOTOS, SHARED, TINY_MODEL
 from imgrank.backbone import BackboneSpec, load_backbone
 from imgrank.cli import app
 from imgrank.errors import ModelError, UnsafeOperationError, UsageError
@@ -113,7 +113,9 @@ def test_tokenizer_json_gives_open_clip_ids_on_probe_texts(clip_tokenizers) -> N
 _ASSIGNED = st.characters(blacklist_categories=("Cn", "Co", "Cs"))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     st.text(alphabet=_ASSIGNED, max_size=60)
     | st.from_regex(r"[A-Za-z0-9 ,.'!?\t\n-]{0,80}", fullmatch=True)
@@ -123,7 +125,9 @@ def test_tokenizer_json_matches_open_clip_on_random_text(clip_tokenizers, text: 
     assert ours([text])[0].tolist() == theirs([text])[0].tolist()
 
 
-def test_tokenizer_json_alone_needs_no_python_cleaning_for_plain_text(clip_tokenizers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_tokenizer_json_alone_needs_no_python_cleaning_for_plain_text(
+    clip_tokenizers, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     """Programs that only read tokenizer.json (no ftfy step) get the same ids on ordinary text."""
     from tokenizers import Tokenizer
 
@@ -131,7 +135,12 @@ def test_tokenizer_json_alone_needs_no_python_cleaning_for_plain_text(clip_token
     path = tmp_path / "tokenizer.json"
     build_clip_tokenizer(77).save(str(path))
     raw = Tokenizer.from_file(str(path))
-    for text in ["Image Quality", "  a   PHOTO\tof high\nquality. ", "don't “stop” ‘now’", "Café 42%"]:
+    for text in [
+        "Image Quality",
+        "  a   PHOTO\tof high\nquality. ",
+        "don't “stop” ‘now’",
+        "Café 42%",
+    ]:
         assert raw.encode(text).ids == theirs([text])[0].tolist(), text
 
 
@@ -174,7 +183,9 @@ def test_onnx_features_match_torch_for_any_batch_size(tiny_export: Path, tiny_ba
     del torch
 
 
-def test_zero_shot_scores_and_order_match_torch(tiny_export: Path, tiny_backbone, many_photos: Path) -> None:  # type: ignore[no-untyped-def]
+def test_zero_shot_scores_and_order_match_torch(
+    tiny_export: Path, tiny_backbone, many_photos: Path
+) -> None:  # type: ignore[no-untyped-def]
     paths = sorted(many_photos.iterdir())
     model = OnnxModel(tiny_export, providers="cpu")
     for prompt, against in [("image quality", None), ("a sharp photo", "a blurry photo")]:
@@ -182,15 +193,21 @@ def test_zero_shot_scores_and_order_match_torch(tiny_export: Path, tiny_backbone
         onnx_scorer = zero_shot_scorer(model, prompt, against)
         assert onnx_scorer.name == torch_scorer.name
         torch_scores = score_images(paths, tiny_backbone, torch_scorer, batch_size=5, workers=1)
-        onnx_scores = score_images(paths, model.image_encoder(), onnx_scorer, batch_size=5, workers=1)
+        onnx_scores = score_images(
+            paths, model.image_encoder(), onnx_scorer, batch_size=5, workers=1
+        )
         a = np.array([s for _p, s in torch_scores])
         b = np.array([s for _p, s in onnx_scores])
         assert len(a) == 16 and np.ptp(a) > 1e-3  # the test only means something if scores differ
         assert np.max(np.abs(a - b)) < 1e-3
-        assert [r.path for r in rank_scores(torch_scores)] == [r.path for r in rank_scores(onnx_scores)]
+        assert [r.path for r in rank_scores(torch_scores)] == [
+            r.path for r in rank_scores(onnx_scores)
+        ]
 
 
-def test_fingerprint_names_the_onnx_graph_and_preprocessing(tiny_export: Path, tiny_backbone, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_fingerprint_names_the_onnx_graph_and_preprocessing(
+    tiny_export: Path, tiny_backbone, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
     first = OnnxModel(tiny_export).image_encoder().fingerprint
@@ -206,7 +223,9 @@ def test_fingerprint_names_the_onnx_graph_and_preprocessing(tiny_export: Path, t
     assert squashed.fingerprint != first
 
 
-def test_export_refuses_drift_beyond_tolerance_and_leaves_nothing(tiny_backbone, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_export_refuses_drift_beyond_tolerance_and_leaves_nothing(
+    tiny_backbone, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "strict"
     with pytest.raises(ModelError) as info:
         export_backbone(tiny_backbone, out, tolerance=1e-12)
@@ -249,8 +268,12 @@ def _resave_with_external_data(source: Path, target: Path, location: str) -> Non
 
     model = onnx.load(str(source))
     onnx.save_model(
-        model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=location, size_threshold=0,
+        model,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
     )
 
 
@@ -269,7 +292,9 @@ def test_external_data_inside_the_folder_loads(tiny_export: Path, tmp_path: Path
 
 
 @pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink"])
-def test_external_data_leaving_the_folder_is_refused(tiny_export: Path, tmp_path: Path, escape: str) -> None:
+def test_external_data_leaving_the_folder_is_refused(
+    tiny_export: Path, tmp_path: Path, escape: str
+) -> None:
     import shutil
 
     import onnx
@@ -320,7 +345,11 @@ def test_providers_auto_cpu_and_unknown() -> None:
     import onnxruntime
 
     available = onnxruntime.get_available_providers()
-    expected = ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+    expected = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available
+        else ["CPUExecutionProvider"]
+    )
     assert resolve_providers(None) == expected
     assert resolve_providers("auto") == expected
     assert resolve_providers("cpu") == ["CPUExecutionProvider"]
@@ -330,3 +359,176 @@ def test_providers_auto_cpu_and_unknown() -> None:
     if "CUDAExecutionProvider" not in available:
         with pytest.raises(UsageError, match=r"imgrank\[gpu\]"):
             resolve_providers("cuda")
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The authors' vit_tiny checkpoint imported as an imgrank model folder."""
+    if not REFERENCE.is_dir():
+        pytest.skip(f"reference vectors not found at {REFERENCE}")
+    from imgrank.checkpoints import import_authors_checkpoint
+
+    out = tmp_path_factory.mktemp("adapter") / "vit_tiny"
+    import_authors_checkpoint(REFERENCE / "checkpoint.pt", REFERENCE / "config.json", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_export(reference_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from imgrank.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("adapter-export") / "vit_tiny-onnx"
+    export_model(out, adapter_dir=reference_adapter)
+    return out
+
+
+def test_adapter_export_reproduces_the_authors_reference_outputs(adapter_export: Path) -> None:
+    """Each ONNX graph, fed the reference inputs, gives the authors' outputs (1e-5 absolute)."""
+    from safetensors.numpy import load_file
+
+    inputs = load_file(str(REFERENCE / "inputs.safetensors"))
+    outputs = load_file(str(REFERENCE / "outputs.safetensors"))
+    prompts = json.loads((REFERENCE / "config.json").read_text())["prompts"]
+    model = OnnxModel(adapter_export, providers="cpu")
+    assert model.preprocess.resize_mode == "squash" and model.preprocess.image_size == 64
+    ids = model.tokenizer(prompts)
+    assert (ids == inputs["text_ids"]).all()
+    _pooled, text_tokens = model.encode_text(prompts)
+    np.testing.assert_allclose(text_tokens, outputs["text_tokens"], rtol=0, atol=1e-5)
+    features = model.image_encoder().encode_pixels(inputs["images"], tokens=True)
+    np.testing.assert_allclose(features.tokens, outputs["image_tokens"], rtol=0, atol=1e-5)
+    # One prompt per image here (the head also takes one prompt for the whole batch).
+    (scores,) = model.session("adapter").run(
+        ["scores"], {"image_tokens": outputs["image_tokens"], "text_tokens": outputs["text_tokens"]}
+    )
+    np.testing.assert_allclose(scores, outputs["adapter_logits"].reshape(-1), rtol=0, atol=1e-5)
+    manifest = json.loads((adapter_export / MANIFEST_NAME).read_text())
+    assert manifest["adapter"]["variant"] == "full" and manifest["adapter"]["name"] == "vit_tiny"
+
+
+def test_adapter_scores_and_order_match_the_torch_sort(
+    adapter_export: Path, reference_adapter: Path, many_photos: Path
+) -> None:
+    common = [str(many_photos), "--by", "Rank the numbers of horse.", "--format", "jsonl"]
+    torch_run = runner.invoke(
+        app, ["sort", *common, "--adapter", str(reference_adapter), "--device", "cpu"]
+    )
+    onnx_run = runner.invoke(
+        app, ["sort", *common, "--onnx", str(adapter_export), "--providers", "cpu"]
+    )
+    assert torch_run.exit_code == 0, torch_run.stderr
+    assert onnx_run.exit_code == 0, onnx_run.stderr
+    torch_rows = [json.loads(line) for line in torch_run.stdout.splitlines()]
+    onnx_rows = [json.loads(line) for line in onnx_run.stdout.splitlines()]
+    assert len(torch_rows) == 16
+    assert [r["path"] for r in onnx_rows] == [r["path"] for r in torch_rows]
+    torch_scores = np.array([r["score"] for r in torch_rows])
+    assert np.ptp(torch_scores) > 1e-3
+    assert np.max(np.abs(torch_scores - np.array([r["score"] for r in onnx_rows]))) < 1e-3
+
+
+# --- imgrank sort --runtime onnx --------------------------------------------------------------
+
+
+def test_sort_runtime_onnx_matches_torch_end_to_end(tiny_export: Path, many_photos: Path) -> None:
+    common = [str(many_photos), "--by", "image quality", "--format", "jsonl"]
+    torch_run = runner.invoke(
+        app,
+        ["sort", *common, "--model", str(TINY_MODEL), "--pretrained", "none", "--device", "cpu"],
+    )
+    onnx_run = runner.invoke(
+        app, ["sort", *common, "--runtime", "onnx", "--onnx", str(tiny_export)]
+    )
+    assert torch_run.exit_code == 0 and onnx_run.exit_code == 0, onnx_run.stderr
+    a = [json.loads(line) for line in torch_run.stdout.splitlines()]
+    b = [json.loads(line) for line in onnx_run.stdout.splitlines()]
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    assert max(abs(x["score"] - y["score"]) for x, y in zip(a, b, strict=True)) < 1e-3
+    assert "RANDOM weights" in onnx_run.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--runtime", "onnx"], "needs --onnx DIR"),
+        (["--runtime", "tensorflow"], "--runtime must be torch or onnx"),
+        (["--runtime", "torch", "--onnx", "{export}"], "--onnx DIR is for --runtime onnx"),
+        (["--providers", "cpu"], "--providers is for --runtime onnx"),
+        (["--onnx", "{export}", "--model", "ViT-B-16"], "--model only apply to --runtime torch"),
+        (["--onnx", "{export}", "--device", "cuda"], "--device only apply to --runtime torch"),
+        (["--onnx", "{export}", "--providers", "nosuch"], "does not offer nosuch"),
+    ],
+)
+def test_sort_refuses_runtime_options_that_do_not_fit(
+    tiny_export: Path, photo_dir: Path, extra: list[str], message: str
+) -> None:
+    args = ["sort", str(photo_dir), "--by", "image quality"]
+    args += [a.replace("{export}", str(tiny_export)) for a in extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == UsageError.exit_code, result.stderr
+    assert message in result.stderr
+
+
+def test_sort_with_an_adapter_export_refuses_against(adapter_export: Path, photo_dir: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "sort",
+            str(photo_dir),
+            "--by",
+            "sharp",
+            "--against",
+            "blurry",
+            "--onnx",
+            str(adapter_export),
+        ],
+    )
+    assert result.exit_code == UsageError.exit_code
+    assert "--against is for zero-shot" in result.stderr
+
+
+def test_sort_runtime_onnx_runs_where_torch_cannot_be_imported(
+    adapter_export: Path, reference_adapter: Path, many_photos: Path, tmp_path: Path
+) -> None:
+    """A real console-script run with torch, torchvision, open_clip and timm made unimportable."""
+    shim = tmp_path / "no-torch"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+            # A None entry makes `import torch` (and torch.anything) raise ImportError at once.
+            for name in ("torch", "torchvision", "open_clip", "timm"):
+                sys.modules[name] = None
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(shim)}
+    script = Path(sys.executable).parent / "imgrank"
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True
+    )
+    assert blocked.returncode != 0 and "halted" in blocked.stderr  # the shim really blocks torch
+    args = [str(script), "sort", str(many_photos), "--by", "Rank the numbers of horse."]
+    done = subprocess.run(
+        [*args, "--runtime", "onnx", "--onnx", str(adapter_export), "--format", "jsonl"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["rank"] for r in rows] == list(range(1, 17))
+    # The same command on the torch runtime fails under the shim: the test can tell the difference.
+    torch_done = subprocess.run(
+        [*args, "--adapter", str(reference_adapter), "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert torch_done.returncode != 0 and "import of torch halted" in torch_done.stderr

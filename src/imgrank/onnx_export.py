@@ -69,7 +69,10 @@ END_TOKEN = "<end_of_text>"
 
 #: open_clip's pre-tokenizer pattern (its special tokens first), matched on cleaned text.
 _CLIP_SPLIT_PATTERN = (
-    START_TOKEN + "|" + END_TOKEN + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    START_TOKEN
+    + "|"
+    + END_TOKEN
+    + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 )
 
 #: Texts whose token ids the export compares with open_clip's before it accepts the tokenizer.
@@ -129,10 +132,18 @@ def build_clip_tokenizer(context_length: int = 77) -> Any:
     ``context_length`` and padded with id 0.
     """
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
-    from tokenizers import processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(default_bpe()) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
     # The first line is a header; open_clip keeps exactly 49152 - 256 - 2 merges.
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     symbols = list(bytes_to_unicode().values())
@@ -187,7 +198,9 @@ def _image_module(backbone: Backbone) -> tuple[torch.nn.Module, bool]:
     visual = backbone.model.visual
     if backbone.is_timm_trunk:
         with torch.no_grad():
-            probe = visual(torch.zeros(1, 3, backbone.preprocess.image_size, backbone.preprocess.image_size))
+            probe = visual(
+                torch.zeros(1, 3, backbone.preprocess.image_size, backbone.preprocess.image_size)
+            )
         has_grid = probe.ndim == 4
 
         class TimmImageTower(torch.nn.Module):
@@ -397,7 +410,9 @@ def _prepare_out(out: Path) -> Path:
         raise UsageError(f"--out {out}: the folder {parent} does not exist")
     work = parent / f".{out.name}.partial-{os.getpid()}"
     if work.exists():
-        raise UnsafeOperationError(f"{work} is in the way (a leftover of a crashed export?); remove it")
+        raise UnsafeOperationError(
+            f"{work} is in the way (a leftover of a crashed export?); remove it"
+        )
     work.mkdir()
     return work
 
@@ -447,7 +462,9 @@ def export_backbone(
 
     say = progress or (lambda _line: None)
     if backbone.device != "cpu" or backbone.dtype != torch.float32:
-        raise ModelError("export needs the backbone in float32 on the CPU (load it with device='cpu')")
+        raise ModelError(
+            "export needs the backbone in float32 on the CPU (load it with device='cpu')"
+        )
     if backbone.config.get("text_cfg", {}).get("hf_tokenizer_name"):
         raise ModelError(
             f"{backbone.name} uses a Hugging Face tokenizer; imgrank exports only models with "
@@ -496,7 +513,9 @@ def _export_into(
     def session(path: Path) -> Any:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
 
     # Tokenizer first: it is quick, and a mismatch makes every later check meaningless.
     say("tokenizer")
@@ -560,10 +579,18 @@ def _export_into(
     drift.update(measured)
 
     files = {
-        "image": {"path": IMAGE_FILE, "sha256": _file_digest(image_path),
-                  "inputs": ["pixels"], "outputs": list(image_outputs)},
-        "text": {"path": TEXT_FILE, "sha256": _file_digest(text_path),
-                 "inputs": ["input_ids"], "outputs": ["pooled", "tokens"]},
+        "image": {
+            "path": IMAGE_FILE,
+            "sha256": _file_digest(image_path),
+            "inputs": ["pixels"],
+            "outputs": list(image_outputs),
+        },
+        "text": {
+            "path": TEXT_FILE,
+            "sha256": _file_digest(text_path),
+            "inputs": ["input_ids"],
+            "outputs": ["pooled", "tokens"],
+        },
         "tokenizer": TOKENIZER_FILE,
     }
 
@@ -583,7 +610,8 @@ def _export_into(
             _adapter_module(adapter),
             (image_tokens[:2].contiguous(), prompt_tokens.contiguous()),
             head_path,
-            inputs={"image_tokens": {0: "batch"}, "text_tokens": {}},
+            # One prompt for the whole batch (1, L, D) or one per image (N, L, D).
+            inputs={"image_tokens": {0: "batch"}, "text_tokens": {0: "prompts"}},
             outputs={"scores": {0: "batch"}},
             opset=opset,
         )
@@ -596,7 +624,10 @@ def _export_into(
                 expected = adapter.score(img, prompt_tokens).reshape(-1).numpy()
             (scores,) = head.run(
                 ["scores"],
-                {"image_tokens": img.numpy().astype(np.float32), "text_tokens": prompt_tokens.numpy()},
+                {
+                    "image_tokens": img.numpy().astype(np.float32),
+                    "text_tokens": prompt_tokens.numpy(),
+                },
             )
             measured[label] = relative_drift(scores, expected)
         _check_drift("adapter head", measured, tolerance)
@@ -636,38 +667,82 @@ def _export_into(
 def export_model(
     out: Path,
     *,
-    model: str = DEFAULT_MODEL,
-    pretrained: str = DEFAULT_PRETRAINED,
+    model: str | None = None,
+    pretrained: str | None = None,
     adapter_dir: Path | None = None,
     opset: int = DEFAULT_OPSET,
     tolerance: float = DEFAULT_TOLERANCE,
     warn: Callable[[str], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Load a backbone (and an adapter folder) on the CPU and export it; see :func:`export_backbone`.
+    """Load a backbone (and an adapter folder) on the CPU and export it (:func:`export_backbone`).
 
-    With ``adapter_dir`` the backbone and preprocessing come from the adapter
-    folder, and ``model``/``pretrained`` are ignored.
+    Args:
+        out: A new or empty folder.
+        model: open_clip name or config JSON (default ViT-B-32); with
+            ``adapter_dir``, only when the user gave it explicitly, and it must
+            be the architecture the adapter was trained on.
+        pretrained: Weights tag or file (default the ViT-B-32 LAION tag); with
+            ``adapter_dir``, only when given explicitly.
+        adapter_dir: An imgrank model folder whose adapter is exported too; its
+            backbone and preprocessing are used unless overridden.
+        opset: ONNX operator set.
+        tolerance: Largest accepted relative drift from torch.
+        warn: Called with messages the user must see (random weights...).
+        progress: Called with a short line before each step.
     """
     from imgrank.backbone import load_backbone
 
     out = out.expanduser()
     _prepare_out(out).rmdir()  # refuse a busy --out before minutes of loading
     if adapter_dir is not None:
-        backbone, adapter, info = _load_adapter_for_export(adapter_dir, warn=warn)
+        backbone, adapter, info = _load_adapter_for_export(
+            adapter_dir, model=model, pretrained=pretrained, warn=warn
+        )
         return export_backbone(
-            backbone, out, adapter=adapter, adapter_info=info, opset=opset, tolerance=tolerance,
+            backbone,
+            out,
+            adapter=adapter,
+            adapter_info=info,
+            opset=opset,
+            tolerance=tolerance,
             progress=progress,
         )
-    backbone = load_backbone(BackboneSpec(model=model, pretrained=pretrained), device="cpu", warn=warn)
+    spec = BackboneSpec(model=model or DEFAULT_MODEL, pretrained=pretrained or DEFAULT_PRETRAINED)
+    backbone = load_backbone(spec, device="cpu", warn=warn)
     return export_backbone(backbone, out, opset=opset, tolerance=tolerance, progress=progress)
 
 
 def _load_adapter_for_export(
-    adapter_dir: Path, *, warn: Callable[[str], None] | None
+    adapter_dir: Path,
+    *,
+    model: str | None,
+    pretrained: str | None,
+    warn: Callable[[str], None] | None,
 ) -> tuple[Backbone, Any, dict[str, Any]]:
-    """The backbone and adapter an adapter folder names, both on the CPU in float32."""
-    raise ModelError(
-        f"--adapter {adapter_dir}: exporting adapters needs the adapter model folder support "
-        "(imgrank.checkpoints), which this installation lacks"
-    )
+    """The backbone and adapter of a model folder, on the CPU in float32, and what to record.
+
+    The backbone is chosen exactly as ``imgrank sort --adapter`` chooses it,
+    so an export cannot pair an adapter with a backbone it was not trained on.
+    """
+    from imgrank.adapter_scoring import backbone_for
+    from imgrank.backbone import load_backbone
+    from imgrank.checkpoints import load_adapter, load_model_folder
+
+    folder = load_model_folder(adapter_dir)
+    spec, messages = backbone_for(folder, model=model, pretrained=pretrained)
+    for message in messages:
+        if warn is not None:
+            warn(message)
+    backbone = load_backbone(spec, device="cpu", warn=warn)
+    adapter = load_adapter(folder, device="cpu")
+    info = {
+        "name": folder.path.name,
+        "variant": folder.variant,
+        "backbone": folder.backbone_spec.model,
+        "prompt_format": folder.prompt_format,
+        "target_range": list(folder.target_range) if folder.target_range else None,
+        "config": folder.adapter_config.to_dict(),
+        "source": folder.source,
+    }
+    return backbone, adapter, info

@@ -26,7 +26,7 @@ import html
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,9 @@ from imgrank.scoring import FeatureBatch, ZeroShotScorer, antonym_pair
 
 if TYPE_CHECKING:
     import onnxruntime
+
+    from imgrank.scoring import Scorer
+    from imgrank.sorter import SortRequest
 
 #: The manifest every exported folder carries; its presence marks an imgrank export.
 MANIFEST_NAME = "imgrank-onnx.json"
@@ -236,7 +239,9 @@ def resolve_providers(requested: str | Sequence[str] | None = None) -> list[str]
     """
     ort = _import_onnxruntime()
     available = list(ort.get_available_providers())
-    if requested is None or (isinstance(requested, str) and requested.strip().lower() in ("", "auto")):
+    if requested is None or (
+        isinstance(requested, str) and requested.strip().lower() in ("", "auto")
+    ):
         if "CUDAExecutionProvider" in available:
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
@@ -308,7 +313,8 @@ class OnnxModel:
         self.manifest = read_manifest(self.folder)
         self.requested_providers = resolve_providers(providers)
         self._explicit_providers = not (
-            providers is None or (isinstance(providers, str) and providers.strip().lower() in ("", "auto"))
+            providers is None
+            or (isinstance(providers, str) and providers.strip().lower() in ("", "auto"))
         )
         self._threads = intra_op_threads
         self._sessions: dict[str, onnxruntime.InferenceSession] = {}
@@ -319,7 +325,9 @@ class OnnxModel:
             entry = files.get(kind)
             if entry is None:
                 continue
-            path = _inside(self.folder, entry["path"], what=f"{kind} graph", source=self.manifest_path)
+            path = _inside(
+                self.folder, entry["path"], what=f"{kind} graph", source=self.manifest_path
+            )
             if not path.is_file():
                 raise ModelError(
                     f"{self.folder} lacks {entry['path']} (named in {MANIFEST_NAME}); the export "
@@ -417,7 +425,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     """
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
-        raise ModelError(f"--onnx {folder}: no such folder; create one with `imgrank export --out {folder}`")
+        raise ModelError(
+            f"--onnx {folder}: no such folder; create one with `imgrank export --out {folder}`"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -451,6 +461,17 @@ class OnnxImageEncoder:
         self.model = model
         self.preprocess: PreprocessConfig = model.preprocess
         self._fingerprint: str | None = None
+
+    @property
+    def provides_tokens(self) -> bool:
+        """Whether the graph has a visual-token output (the cache stores tokens only then)."""
+        return self.model.has_image_tokens
+
+    @property
+    def description(self) -> str:
+        """Shown by ``imgrank cache info``: the exported model and where it lives."""
+        info = self.model.manifest.get("model", {})
+        return f"ONNX {info.get('name', '?')} / {info.get('pretrained', '?')} ({self.model.folder})"
 
     @property
     def fingerprint(self) -> str:
@@ -491,7 +512,8 @@ class OnnxImageEncoder:
         if tokens:
             pooled, grid = session.run(["pooled", "tokens"], feed)
             return FeatureBatch(
-                pooled=np.asarray(pooled, dtype=np.float32), tokens=np.asarray(grid, dtype=np.float32)
+                pooled=np.asarray(pooled, dtype=np.float32),
+                tokens=np.asarray(grid, dtype=np.float32),
             )
         (pooled,) = session.run(["pooled"], feed)
         return FeatureBatch(pooled=np.asarray(pooled, dtype=np.float32))
@@ -520,12 +542,18 @@ class OnnxAdapterScorer:
                 f"{model.folder} was exported without an adapter; export with "
                 "`imgrank export --adapter DIR` or sort zero-shot"
             )
+        if not prompt.strip():
+            raise UsageError("the prompt is empty: say what to sort by, e.g. --by 'image quality'")
         self.model = model
-        self.prompt = prompt
         adapter = model.manifest.get("adapter") or {}
-        label = adapter.get("name") or "adapter"
-        self.name = f'ranking adapter {label} ("{prompt}", onnx)'
-        _pooled, text_tokens = model.encode_text([prompt])
+        # The model folder's prompt format travels in the manifest, so both runtimes feed the
+        # text tower the same text.
+        self.prompt = str(adapter.get("prompt_format") or "{}").replace("{}", prompt)
+        self.name = (
+            f"ranking adapter {adapter.get('name', 'adapter')} ({adapter.get('variant', 'full')}) "
+            f"on {adapter.get('backbone', model.manifest['model'].get('name', '?'))}, onnxruntime"
+        )
+        _pooled, text_tokens = model.encode_text([self.prompt])
         self._text_tokens = np.ascontiguousarray(text_tokens[:1], dtype=np.float32)
 
     def score(self, batch: FeatureBatch) -> np.ndarray:
@@ -539,3 +567,91 @@ class OnnxAdapterScorer:
             },
         )
         return np.asarray(scores, dtype=np.float64).reshape(-1)
+
+
+# --------------------------------------------------------------------------- imgrank sort
+
+
+RUNTIMES = ("torch", "onnx")
+
+
+def wants_onnx(request: SortRequest) -> bool:
+    """Whether a sort runs on onnxruntime; refuses option mixes that cannot mean anything.
+
+    ``--onnx DIR`` alone selects the ONNX runtime; ``--runtime onnx`` needs it.
+
+    Raises:
+        UsageError: an unknown runtime, or options of one runtime given to the other.
+    """
+    runtime = (request.runtime or "").lower() or None
+    if runtime is not None and runtime not in RUNTIMES:
+        raise UsageError(f"--runtime must be torch or onnx, not {request.runtime!r}")
+    if runtime == "torch":
+        if request.onnx is not None:
+            raise UsageError("--onnx DIR is for --runtime onnx (or leave --runtime out)")
+        if request.providers:
+            raise UsageError("--providers is for --runtime onnx; the torch runtime uses --device")
+        return False
+    if runtime == "onnx" and request.onnx is None:
+        raise UsageError(
+            "--runtime onnx needs --onnx DIR, a folder written by `imgrank export --out DIR`"
+        )
+    if request.onnx is None:
+        if request.providers:
+            raise UsageError("--providers is for --runtime onnx --onnx DIR")
+        return False
+    return True
+
+
+def onnx_sort_setup(
+    request: SortRequest, *, warn: Callable[[str], None] | None = None
+) -> tuple[OnnxImageEncoder, Scorer]:
+    """The image encoder and scorer of ``imgrank sort --runtime onnx --onnx DIR``.
+
+    The export decides the scoring: the adapter head when it was exported with
+    one, zero-shot CLIP otherwise. Options that pick torch models or devices
+    are refused rather than silently ignored.
+
+    Raises:
+        UsageError: options that only mean something with the torch runtime.
+        ModelError: the folder is not a usable export.
+    """
+    assert request.onnx is not None
+    torch_only = [
+        name
+        for name, given in (
+            ("--adapter", request.adapter is not None),
+            ("--model", request.model_given),
+            ("--pretrained", request.pretrained_given),
+            ("--device", request.device.lower() != "auto"),
+        )
+        if given
+    ]
+    if torch_only:
+        raise UsageError(
+            f"{', '.join(torch_only)} only apply to --runtime torch: with --runtime onnx the "
+            "model, its adapter and its weights are those of the export (`imgrank export "
+            "--adapter DIR` includes an adapter), and --providers chooses the device"
+        )
+    model = OnnxModel(request.onnx, providers=request.providers)
+    encoder = model.image_encoder()
+    scorer: Scorer
+    if model.has_adapter:
+        if request.against is not None:
+            raise UsageError(
+                "--against is for zero-shot scoring; this export's adapter reads --by as it is"
+            )
+        scorer = OnnxAdapterScorer(model, request.prompt)
+    else:
+        scorer = zero_shot_scorer(model, request.prompt, request.against)
+    if warn is not None:
+        if str(model.manifest["model"].get("pretrained", "")).lower() == "none":
+            warn(
+                f"{model.folder} was exported with RANDOM weights (--pretrained none), so the "
+                "ranking is meaningless (use it only for tests and benchmarks)"
+            )
+        wanted = model.requested_providers[0]
+        active = model.active_providers
+        if wanted not in active:
+            warn(f"onnxruntime could not start {wanted}; running on {', '.join(active)}")
+    return encoder, scorer

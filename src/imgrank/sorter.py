@@ -16,7 +16,7 @@ from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
 from imgrank.cache import EmbeddingCache
 from imgrank.errors import NoImagesRankedError, UsageError
 from imgrank.images import DEFAULT_MAX_PIXELS, find_images
-from imgrank.pipeline import DEFAULT_BATCH_SIZE, score_images
+from imgrank.pipeline import DEFAULT_BATCH_SIZE, ImageEncoder, score_images
 from imgrank.ranking import Ranking, SkippedFile, rank_scores
 from imgrank.scoring import Scorer
 
@@ -49,6 +49,12 @@ class SortRequest:
     #: the adapter's own backbone is used and ``model``/``pretrained`` are ignored).
     model_given: bool = False
     pretrained_given: bool = False
+    #: ``torch``, ``onnx``, or None: onnx when ``onnx`` is set (imgrank.onnx_runtime.wants_onnx).
+    runtime: str | None = None
+    #: A folder written by ``imgrank export``, for the onnx runtime.
+    onnx: Path | None = None
+    #: onnxruntime execution providers, comma-separated (None: CUDA if available, else CPU).
+    providers: str | None = None
 
 
 @dataclass
@@ -72,6 +78,7 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         ModelError: the backbone cannot be loaded.
     """
     from imgrank.backbone import load_backbone
+    from imgrank.onnx_runtime import onnx_sort_setup, wants_onnx
     from imgrank.scoring import ZeroShotScorer
 
     callbacks = callbacks or SortCallbacks()
@@ -85,6 +92,7 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         raise UsageError("--batch-size must be at least 1")
     if request.cache is not None and not request.use_cache:
         raise UsageError("--cache and --no-cache contradict each other; give one of them")
+    use_onnx = wants_onnx(request)  # checks the runtime options before any work
 
     started = time.perf_counter()
     skipped: list[SkippedFile] = []
@@ -104,7 +112,11 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         raise NoImagesRankedError(_nothing_found_message(request, skipped))
 
     scorer: Scorer
-    if request.adapter is not None:
+    encoder: ImageEncoder
+    if use_onnx:
+        # onnxruntime end to end: nothing on this path imports torch.
+        encoder, scorer = onnx_sort_setup(request, warn=callbacks.warn)
+    elif request.adapter is not None:
         from imgrank.adapter_scoring import load_adapter_scoring
 
         if request.against is not None:
@@ -117,6 +129,7 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
             device=request.device,
             warn=callbacks.warn,
         )
+        encoder = backbone
     else:
         backbone = load_backbone(
             BackboneSpec(model=request.model, pretrained=request.pretrained),
@@ -126,12 +139,13 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
             lazy_image_tower=True,
         )
         scorer = ZeroShotScorer.for_backbone(backbone, request.prompt, request.against)
+        encoder = backbone
     callbacks.found(len(paths))
     cache = _open_cache(request, callbacks.warn)
     try:
         scored = score_images(
             paths,
-            backbone,
+            encoder,
             scorer,
             batch_size=request.batch_size,
             workers=request.workers,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -14,7 +13,10 @@ from imgrank.cli.common import err_console, handle_errors, warn
 
 @handle_errors
 def export(
-    out: Path = typer.Option(..., "--out", "-o", help="New (or empty) folder to write the export to."),
+    ctx: typer.Context,
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="New (or empty) folder to write the export to."
+    ),
     model: str = typer.Option(
         DEFAULT_MODEL, "--model", "-m", help="open_clip model name, or path to a model config JSON."
     ),
@@ -24,10 +26,11 @@ def export(
         help="open_clip pretrained tag, a local .safetensors/.pt weights file, or 'none' "
         "(random weights, for tests).",
     ),
-    adapter: Optional[Path] = typer.Option(
+    adapter: Path | None = typer.Option(
         None,
         "--adapter",
-        help="Adapter model folder to export too (its backbone replaces --model/--pretrained).",
+        help="Model folder whose adapter is exported too; its own backbone is used unless "
+        "--model/--pretrained are given (they must be what the adapter was trained on).",
     ),
     opset: int = typer.Option(17, "--opset", help="ONNX operator set version."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
@@ -52,10 +55,17 @@ def export(
         if not quiet:
             err_console.print(f"exporting {escape(step)}...")
 
+    if adapter is not None:
+        # With an adapter, --model/--pretrained count only when typed: the folder names
+        # its own backbone.
+        model_arg = model if _given(ctx, "model") else None
+        pretrained_arg = pretrained if _given(ctx, "pretrained") else None
+    else:
+        model_arg, pretrained_arg = model, pretrained
     result = export_model(
         out,
-        model=model,
-        pretrained=pretrained,
+        model=model_arg,
+        pretrained=pretrained_arg,
         adapter_dir=adapter,
         opset=opset,
         warn=lambda message: warn(message, quiet=quiet),
@@ -68,3 +78,9 @@ def export(
             f"(largest drift from torch {worst:.1e} relative); sort with "
             f"`imgrank sort FOLDER --by ... --runtime onnx --onnx {escape(str(result.folder))}`"
         )
+
+
+def _given(ctx: typer.Context, parameter: str) -> bool:
+    """Whether the user set an option, rather than Typer filling in its default."""
+    source = ctx.get_parameter_source(parameter)
+    return source is not None and source.name != "DEFAULT"

@@ -112,6 +112,19 @@ def sort(
         help="Score with a ranking-adapter model folder (see `imgrank adapter`); it brings its "
         "own backbone and preprocessing unless --model/--pretrained are given.",
     ),
+    runtime: Optional[str] = typer.Option(
+        None,
+        "--runtime",
+        help="torch, or onnx (onnxruntime, no torch needed; implied by --onnx). See docs/onnx.md.",
+    ),
+    onnx: Optional[Path] = typer.Option(
+        None, "--onnx", help="With --runtime onnx: a folder written by `imgrank export`."
+    ),
+    providers: Optional[str] = typer.Option(
+        None,
+        "--providers",
+        help="onnxruntime providers in order, e.g. cuda,cpu (default: CUDA if any, else CPU).",
+    ),
 ) -> None:
     """Rank the photos of FOLDER by how well they match --by, best first.
 
@@ -161,6 +174,9 @@ def sort(
         adapter=adapter,
         model_given=_given(ctx, "model"),
         pretrained_given=_given(ctx, "pretrained"),
+        runtime=runtime,
+        onnx=onnx,
+        providers=providers,
     )
     interactive = err_console.is_terminal and not quiet
     skipped: list[SkippedFile] = []
