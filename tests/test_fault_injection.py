@@ -393,6 +393,20 @@ def test_a_journal_cut_mid_line_still_parses_and_recovers(tmp_path: Path) -> Non
     assert closed.damaged_lines == 1
 
 
+def test_a_journal_cut_just_before_a_newline_still_gets_clean_appends(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    before = make_folder(folder)
+    assert run_child(folder, 4, "after").returncode == -signal.SIGKILL
+    (run,) = unfinished_runs()
+    data = run.path.read_bytes()
+    run.path.write_bytes(data[:-1])  # the last record is whole, only its newline is missing
+    assert read_run(run.path).damaged_lines == 0
+    assert runner.invoke(app, ["recover"]).exit_code == 0
+    closed = read_run(run.path)
+    assert closed.damaged_lines == 0 and closed.status == "recovered"
+    assert snapshot(folder) == before
+
+
 def test_a_journal_cut_before_the_plan_was_complete_means_nothing_moved(tmp_path: Path) -> None:
     before = make_folder(tmp_path)
     plan = plan_renames(items(tmp_path), template=TEMPLATE)

@@ -384,12 +384,24 @@ def reopen(run: RunRecord) -> Iterator[JournalWriter]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise _in_progress_error(run) from None
-        if run.damaged_lines:
+        if not _ends_with_newline(run.path):
             # A record cut by a crash would glue onto the next one; start a fresh line.
             writer._write(b"\n")
         yield writer
     finally:
         writer.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() == 0:
+                return True
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) == b"\n"
+    except OSError:
+        return True
 
 
 def read_run(path: Path) -> RunRecord:
