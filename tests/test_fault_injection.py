@@ -447,3 +447,37 @@ def test_recover_reports_a_file_it_cannot_place_and_never_overwrites(tmp_path: P
     check_no_unfinished_run()  # the run is closed, with the problem recorded
     (run,) = list_runs()
     assert run.outcome == "partial" and run.problems
+
+
+# --------------------------------------------------------------------------- --copy
+
+
+def test_a_copy_cut_short_leaves_no_half_written_photo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from imgrank import outputs
+    from imgrank.errors import UnsafeOperationError
+
+    folder = tmp_path / "photos"
+    before = make_folder(folder, ["a.jpg", "b.jpg"])
+    out = tmp_path / "best"
+    out.mkdir()
+    (out / "keep.txt").write_bytes(b"already here")
+    real_copy = shutil.copyfileobj
+    calls = [0]
+
+    def disk_fills_up(src, dst, length=0):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 2:
+            dst.write(src.read(5))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_copy(src, dst, length)
+
+    monkeypatch.setattr(outputs.shutil, "copyfileobj", disk_fills_up)
+    with pytest.raises(UnsafeOperationError, match="No space left"):
+        outputs.materialize(items(folder, ["b.jpg", "a.jpg"]), out, mode="copy")
+    # The first copy is whole, the cut one is gone, the folder's own file untouched.
+    assert snapshot(out) == {"0001_b.jpg": before["b.jpg"], "keep.txt": b"already here"}
+    assert snapshot(folder) == before

@@ -13,6 +13,7 @@ paths), and every target is checked before the first one is written.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -120,6 +121,23 @@ def ranked_names(items: list[RankedImage]) -> list[str]:
     return [f"{item.rank:0{width}d}_{item.path.name}" for item in items]
 
 
+def _copy_new(source: Path, target: Path) -> None:
+    """Copy ``source`` to the new file ``target`` (refused if it exists), timestamps included.
+
+    A copy cut short (disk full, Ctrl-C) is removed rather than left looking like
+    a damaged photo; it is the file this call just created, never someone else's.
+    """
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        try:
+            shutil.copyfileobj(src, dst, length=1024 * 1024)
+        except BaseException:
+            dst.close()
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            raise
+    shutil.copystat(source, target)
+
+
 def materialize(
     items: list[RankedImage], out_dir: Path, *, mode: Literal["link", "copy"]
 ) -> list[Path]:
@@ -152,9 +170,7 @@ def materialize(
             if mode == "link":
                 os.symlink(source, target)  # fails with FileExistsError on an existing name
             else:
-                with open(source, "rb") as src, open(target, "xb") as dst:
-                    shutil.copyfileobj(src, dst, length=1024 * 1024)
-                shutil.copystat(source, target)
+                _copy_new(source, target)
         except FileExistsError:
             raise UnsafeOperationError(
                 f"{target} appeared while imgrank was writing; it was left untouched "
