@@ -11,8 +11,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import tiny_args
 from PIL import Image
+from typer.testing import CliRunner
 
+from imgrank.cli import app
 from imgrank.errors import UsageError
 from imgrank.preview import (
     detect_protocol,
@@ -137,7 +140,7 @@ def test_first_and_last_n_with_the_gap_counted() -> None:
     assert ranks == [1, 2, 3, 48, 49, 50]
     assert "  ... 44 more ..." in lines
     assert "Last 3:" in lines
-    assert "/photos/000.jpg" in lines[1] and "1.0000" in lines[1]
+    assert "/photos/000.jpg" in lines[1] and "1.000000" in lines[1]
 
 
 def test_a_short_ranking_is_listed_once_in_full() -> None:
@@ -234,3 +237,33 @@ def test_an_unreadable_image_is_listed_without_a_picture(tmp_path: Path) -> None
 def test_unknown_protocol_is_refused() -> None:
     with pytest.raises(UsageError, match="protocol"):
         render_preview(long_ranking(2), 1, protocol="sixel")  # type: ignore[arg-type]
+
+
+# --- imgrank sort --preview ---------------------------------------------------------------
+
+
+def test_sort_preview_goes_to_stderr_as_plain_text(photo_dir: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "sort",
+            str(photo_dir),
+            "--by",
+            "image quality",
+            "--preview",
+            "1",
+            "--quiet",
+            *tiny_args(),
+        ],
+        catch_exceptions=False,
+        env={"TERM": "xterm-kitty", "KITTY_WINDOW_ID": "1"},
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "First 1 of 4" in result.stderr and "Last 1:" in result.stderr
+    assert "\x1b" not in result.stderr and "\x1b" not in result.stdout
+    first = result.stdout.splitlines()[1].split(",", 2)[2]
+    assert first in result.stderr  # the preview names the same best photo as the ranking
+    bad = CliRunner().invoke(
+        app, ["sort", str(photo_dir), "--by", "q", "--preview", "0", *tiny_args()]
+    )
+    assert bad.exit_code == 2

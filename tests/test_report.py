@@ -13,8 +13,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import tiny_args
 from PIL import Image
+from typer.testing import CliRunner
 
+from imgrank.cli import app
 from imgrank.errors import UnsafeOperationError, UsageError
 from imgrank.ranking import Ranking, SkippedFile, rank_scores
 from imgrank.report import (
@@ -159,7 +162,12 @@ def test_every_ranked_file_appears_once_in_rank_order_with_its_score(
         item.path.absolute().as_uri() for item in ranking.items
     ]
     assert [t["score"] for t in report.tiles] == [item.score for item in ranking.items]
-    assert [t["score_text"] for t in report.tiles] == [format_score(i.score) for i in ranking.items]
+    assert [t["score_text"] for t in report.tiles] == [
+        "0.250000",
+        "0.200000",
+        "0.150000",
+        "0.100000",
+    ]
     assert [t["name"] for t in report.tiles] == [item.path.name for item in ranking.items]
     # Highest score first: the last photo got the highest score.
     assert report.tiles[0]["name"] == photos[-1].name
@@ -318,8 +326,16 @@ def test_an_empty_ranking_still_gives_a_valid_page(tmp_path: Path) -> None:
 def test_histogram_copes_with_equal_and_non_finite_scores() -> None:
     svg = histogram_svg([0.5, 0.5, float("nan"), float("inf")])
     assert svg.count('class="bar"') == 1
-    assert "0.5000 to 0.5000: 2 images" in svg
+    assert "0.500000 to 0.500000: 2 images" in svg
     assert "No finite scores" in histogram_svg([float("nan")])
+
+
+def test_scores_are_shown_like_the_csv_and_never_as_zero() -> None:
+    assert format_score(0.5693231) == "0.569323"  # what `imgrank sort` writes in its CSV
+    assert format_score(-2.5) == "-2.500000"
+    assert format_score(3e-7) == "3.0000e-07"
+    assert format_score(0.0) == "0.000000"
+    assert format_score(float("nan")) == "nan"
 
 
 def test_progress_is_reported_for_every_thumbnail(photos: list[Path], tmp_path: Path) -> None:
@@ -410,3 +426,53 @@ def test_report_of_5000_photos_stays_under_30_mb(tmp_path: Path) -> None:
     assert [t["rank"] for t in report.tiles] == list(range(1, 5001))
     assert all("src" in t for t in report.tiles)
     assert out.stat().st_size < 5000 * TILE_BUDGET
+
+
+# --- imgrank sort --report ----------------------------------------------------------------
+
+
+def _sort(*args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(app, ["sort", *args, *tiny_args()], catch_exceptions=False)
+
+
+def test_sort_report_matches_the_ranking_on_stdout(photo_dir: Path, tmp_path: Path) -> None:
+    (photo_dir / "broken.jpg").write_bytes(b"not a photo")
+    target = tmp_path / "ranking.html"
+    result = _sort(str(photo_dir), "--by", "image quality", "--report", str(target))
+    assert result.exit_code == 0, result.stderr
+    rows = [line.split(",", 2) for line in result.stdout.splitlines()[1:]]
+
+    report = parse(target)
+    assert [(t["rank"], t["href"]) for t in report.tiles] == [
+        (int(rank), Path(path).absolute().as_uri()) for rank, _score, path in rows
+    ]
+    assert [round(float(t["score"]), 6) for t in report.tiles] == [float(s) for _, s, _ in rows]  # type: ignore[arg-type]
+    assert report.h1 == "image quality"
+    assert [Path(row[0]).name for row in report.skipped_rows] == ["broken.jpg"]
+
+
+def test_sort_report_with_top_and_ascending(photo_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "worst.html"
+    result = _sort(
+        str(photo_dir), "--by", "q", "--top", "2", "--ascending", "--report", str(target)
+    )
+    assert result.exit_code == 0, result.stderr
+    report = parse(target)
+    assert report.facts["Order"] == "lowest score first"
+    assert report.facts["Shown"] == "2 images (the top 2)"
+    assert [t["rank"] for t in report.tiles] == [1, 2]
+    scores = [float(line.split(",")[1]) for line in result.stdout.splitlines()[1:]]
+    assert scores == sorted(scores)
+
+
+def test_sort_refuses_to_overwrite_a_file_before_any_work(photo_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "notes.html"
+    target.write_text("mine", encoding="utf-8")
+    result = _sort(str(photo_dir), "--by", "q", "--report", str(target))
+    assert result.exit_code == UnsafeOperationError.exit_code
+    assert "not an imgrank report" in result.stderr
+    assert result.stdout == ""  # refused before ranking anything
+    assert target.read_text(encoding="utf-8") == "mine"
+    forced = _sort(str(photo_dir), "--by", "q", "--report", str(target), "--force")
+    assert forced.exit_code == 0, forced.stderr
+    assert len(parse(target).tiles) == 4

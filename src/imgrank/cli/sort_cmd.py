@@ -90,8 +90,21 @@ def sort(
     errors: Optional[Path] = typer.Option(
         None, "--errors", help="Write the skipped files as CSV (path,reason) to FILE."
     ),
+    report: Optional[Path] = typer.Option(
+        None,
+        "--report",
+        help="Also write an HTML contact sheet to FILE: thumbnails in rank order with scores, "
+        "a score histogram, the skipped files. See docs/report.md.",
+    ),
+    preview: Optional[int] = typer.Option(
+        None,
+        "--preview",
+        min=1,
+        help="Show the first and last N images on stderr: inline pictures in kitty, Ghostty, "
+        "iTerm2 and WezTerm, a plain list elsewhere.",
+    ),
     force: bool = typer.Option(
-        False, "--force", help="Allow --output/--errors to replace an existing file."
+        False, "--force", help="Allow --output/--errors/--report to replace an existing file."
     ),
     max_pixels: int = typer.Option(
         DEFAULT_MAX_PIXELS, "--max-pixels", help="Skip images larger than this (decompression bombs)."
@@ -178,6 +191,10 @@ def sort(
         onnx=onnx,
         providers=providers,
     )
+    if report is not None:  # refused now rather than after minutes of work
+        from imgrank.report import check_report_destination
+
+        check_report_destination(report, overwrite=force)
     interactive = err_console.is_terminal and not quiet
     skipped: list[SkippedFile] = []
 
@@ -231,6 +248,28 @@ def sort(
         if copy is not None:
             materialize(ranking.items, copy, mode="copy")
 
+    if report is not None:
+        from imgrank.report import write_report
+
+        bar = _progress(enabled=interactive)
+        with bar or ExitStack():
+            task = bar.add_task("report", total=len(ranking.items)) if bar else 0
+            write_report(
+                ranking,
+                report,
+                ascending=ascending,
+                top=top,
+                overwrite=force,
+                workers=workers,
+                max_pixels=max_pixels,
+                on_progress=(lambda n: bar.advance(task, n)) if bar else None,
+            )
+        if interactive:
+            err_console.print(f"report written to {escape(str(report))}")
+    if preview is not None:  # asked for explicitly, so shown even with --quiet
+        from imgrank.preview import write_preview
+
+        write_preview(ranking, preview, sys.stderr, max_pixels=max_pixels)
     if interactive:
         err_console.print(
             f"ranked {len(ranking.items)} image(s), skipped {len(ranking.skipped)} file(s) "
