@@ -373,6 +373,23 @@ def test_a_previous_report_is_replaced(photos: list[Path], tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "r.html"]
 
 
+def test_an_interrupted_report_leaves_the_previous_one_and_no_temporary_file(
+    photos: list[Path], tmp_path: Path
+) -> None:
+    target = tmp_path / "r.html"
+    write_report(make_ranking(photos[:1]), target)
+    before = target.read_bytes()
+
+    def interrupt(_count: int) -> None:
+        raise KeyboardInterrupt
+
+    paths = _many(tmp_path, 200)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(make_ranking(paths), target, on_progress=interrupt)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "photos", "r.html"]
+
+
 def test_report_gets_ordinary_permissions(photos: list[Path], tmp_path: Path) -> None:
     target = write_report(make_ranking(photos[:1]), tmp_path / "r.html")
     umask = os.umask(0o022)

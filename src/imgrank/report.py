@@ -166,7 +166,8 @@ def _ordered_map(
     limit = max(4, 4 * workers)
     source = iter(paths)
     pending: deque[Future[Thumbnail]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgrank-thumb") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgrank-thumb")
+    try:
         for path in source:
             pending.append(pool.submit(func, path))
             if len(pending) >= limit:
@@ -177,6 +178,10 @@ def _ordered_map(
             if following is not None:
                 pending.append(pool.submit(func, following))
             yield result
+    finally:
+        # On Ctrl-C or an error downstream, drop the queued thumbnails instead of
+        # finishing them; only the few already running are waited for.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _common_folder(paths: Sequence[Path]) -> Path | None:
@@ -554,11 +559,13 @@ def write_report(
         os.chmod(temporary, 0o666 & ~_current_umask())
         _move_into_place(temporary, destination, overwrite=overwrite)
     except OSError as exc:
+        chunks.close()
         temporary.unlink(missing_ok=True)
         raise ImgrankError(
             f"cannot write the report {destination}: {exc.strerror or exc}"
         ) from None
     except BaseException:
+        chunks.close()  # stops the thumbnail threads now, not when garbage-collected
         temporary.unlink(missing_ok=True)
         raise
     return destination
