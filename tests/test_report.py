@@ -198,7 +198,7 @@ def test_top_and_ascending_are_reported_and_kept_in_order(
     report = parse(write_report(ranking, tmp_path / "r.html", ascending=True, top=2))
 
     assert report.facts["Order"] == "lowest score first"
-    assert report.facts["Shown"] == "2 images (the top 2)"
+    assert report.facts["Shown"] == "2 images (--top 2)"
     assert [t["score"] for t in report.tiles] == sorted(t["score"] for t in report.tiles)  # type: ignore[type-var]
     assert [t["name"] for t in report.tiles] == [photos[0].name, photos[1].name]
 
@@ -476,7 +476,7 @@ def test_sort_report_with_top_and_ascending(photo_dir: Path, tmp_path: Path) -> 
     assert result.exit_code == 0, result.stderr
     report = parse(target)
     assert report.facts["Order"] == "lowest score first"
-    assert report.facts["Shown"] == "2 images (the top 2)"
+    assert report.facts["Shown"] == "2 images (--top 2)"
     assert [t["rank"] for t in report.tiles] == [1, 2]
     scores = [float(line.split(",")[1]) for line in result.stdout.splitlines()[1:]]
     assert scores == sorted(scores)

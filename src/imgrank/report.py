@@ -373,7 +373,7 @@ def render_report(
         (
             "Shown",
             f"{len(items):,} image{'s' if len(items) != 1 else ''}"
-            + (f" (the top {top:,})" if top is not None else ""),
+            + (f" (--top {top})" if top is not None else ""),
         ),
     ]
     if common is not None:
