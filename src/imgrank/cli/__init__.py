@@ -54,6 +54,10 @@ from imgrank.cli import runs_cmd  # noqa: E402
 app.command("runs")(runs_cmd.runs)
 app.command("undo")(runs_cmd.undo)
 app.command("recover")(runs_cmd.recover)
+from imgrank.cli import train_cmd  # noqa: E402
+
+app.command("train")(train_cmd.train)
+app.command("eval")(train_cmd.evaluate)
 
 
 def main() -> None:

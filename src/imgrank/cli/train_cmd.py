@@ -1,0 +1,409 @@
+"""``imgrank train`` and ``imgrank eval``: teach imgrank what "better" means, and measure it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.markup import escape
+
+# These modules import torch only inside functions, so importing them here is cheap.
+from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
+from imgrank.cli.common import EXIT_INTERRUPTED, err_console, handle_errors, warn
+from imgrank.training import EpochRecord, TrainingReporter, TrainSettings
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from imgrank.datasets import LabelSet
+    from imgrank.metrics import EvalReport, Metrics
+
+#: Skipped rows listed on stderr before "... and N more".
+SHOWN_SKIPS = 20
+
+_DEFAULTS = TrainSettings()
+
+
+def _given(ctx: typer.Context, parameter: str) -> bool:
+    """Whether the user set an option (command line or environment), not Typer's default."""
+    source = ctx.get_parameter_source(parameter)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _cache_choice(cache: Path | None, no_cache: bool) -> Path | bool:
+    return False if no_cache else (cache if cache is not None else True)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None or value != value else f"{value:.{digits}f}"
+
+
+class _Display(TrainingReporter):
+    """Rich progress on stderr: a bar for encoding, a bar per epoch, one line per finished epoch.
+
+    Bars are drawn only on a terminal; the per-epoch lines are printed
+    everywhere (they are the log of the run) unless ``--quiet``.
+    """
+
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+        self.progress: Progress | None = None
+        self._encode: TaskID | None = None
+        self._epoch: TaskID | None = None
+        self._epochs = 0
+        self._steps = 0
+        if err_console.is_terminal and not quiet:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
+
+    def __enter__(self) -> _Display:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def print(self, message: str) -> None:
+        if not self.quiet:
+            err_console.print(message)
+
+    def warn(self, message: str) -> None:
+        warn(message, quiet=self.quiet)
+
+    def encoding(self, total: int) -> None:
+        if self.progress is not None:
+            self._encode = self.progress.add_task("encoding images", total=total)
+
+    def encoded(self, count: int) -> None:
+        if self.progress is not None and self._encode is not None:
+            self.progress.advance(self._encode, count)
+
+    def training(self, epochs: int, steps_per_epoch: int, train_rows: int, val_rows: int) -> None:
+        if self.progress is not None and self._encode is not None:
+            self.progress.remove_task(self._encode)
+            self._encode = None
+        held_out = f", {val_rows} held out for validation" if val_rows else ", no validation"
+        self.print(f"training on {train_rows} labelled image(s){held_out}")
+        self._epochs, self._steps = epochs, steps_per_epoch
+        if self.progress is not None:
+            self._epoch = self.progress.add_task(f"epoch 1/{epochs}", total=steps_per_epoch)
+
+    def step(self) -> None:
+        if self.progress is not None and self._epoch is not None:
+            self.progress.advance(self._epoch)
+
+    def epoch(self, record: EpochRecord, is_best: bool) -> None:
+        val = (
+            f"  val SRCC {_fmt(record.val_SRCC)}  MAE {_fmt(record.val_MAE, 3)}"
+            if record.val_loss is not None
+            else ""
+        )
+        mark = "  [green]best[/]" if is_best and record.val_loss is not None else ""
+        self.print(
+            f"epoch {record.epoch:>3}/{self._epochs}  loss {record.train_loss:.4f} "
+            f"(reg {record.train_regression:.4f}, rank {record.train_rank:.4f}){val}  "
+            f"lr {record.lr:.2e}  {record.seconds:.1f}s{mark}"
+        )
+        if self.progress is not None and self._epoch is not None:
+            self.progress.reset(
+                self._epoch,
+                total=self._steps,
+                description=f"epoch {record.epoch + 1}/{self._epochs}",
+            )
+
+
+def _report_skips(labels: LabelSet, *, quiet: bool) -> None:
+    """List the rows left out (shown even with --quiet: they are errors in the user's data)."""
+    for bad in labels.bad[:SHOWN_SKIPS]:
+        err_console.print(f"[yellow]skipped:[/] {escape(bad.describe())}")
+    if len(labels.bad) > SHOWN_SKIPS:
+        err_console.print(
+            f"[yellow]skipped:[/] ... and {len(labels.bad) - SHOWN_SKIPS} more row(s)"
+        )
+    if labels.unrated and not quiet:
+        err_console.print(f"{labels.unrated} unrated photo(s) left out")
+
+
+@handle_errors
+def train(
+    data: Path = typer.Argument(
+        ...,
+        help="A label table (TSV/CSV: filepath, title, cname, value) or a folder of rated photos.",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to create (must not exist)."),
+    prompt: str | None = typer.Option(
+        None,
+        "--prompt",
+        "-p",
+        help="What the labels mean, e.g. 'photos I like': required for a rated folder, "
+        "the prompt of rows without one in a table.",
+    ),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", help="open_clip model name, or path to a model config JSON."
+    ),
+    pretrained: str = typer.Option(
+        DEFAULT_PRETRAINED,
+        "--pretrained",
+        help="open_clip pretrained tag, a local weights file, or 'none' (random weights: tests).",
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    epochs: int = typer.Option(
+        _DEFAULTS.epochs,
+        "--epochs",
+        help="At most this many epochs (training stops earlier "
+        "when validation SRCC stops improving).",
+    ),
+    batch_size: int = typer.Option(
+        _DEFAULTS.batch_size, "--batch-size", help="Images per training batch (all from one group)."
+    ),
+    lr: float = typer.Option(
+        _DEFAULTS.lr, "--lr", help="Peak learning rate (AdamW, warm-up + cosine)."
+    ),
+    val_split: float = typer.Option(
+        _DEFAULTS.val_split,
+        "--val-split",
+        help="Share of images held out to pick the best epoch (0: none).",
+    ),
+    patience: int = typer.Option(
+        _DEFAULTS.patience,
+        "--patience",
+        help="Stop after this many epochs without a better validation SRCC.",
+    ),
+    seed: int = typer.Option(
+        _DEFAULTS.seed, "--seed", help="Seed: the same seed repeats a CPU run exactly."
+    ),
+    loss: str = typer.Option(
+        _DEFAULTS.loss,
+        "--loss",
+        help="Rank loss: bce (the released recipe) or hinge (as in the slides).",
+    ),
+    variant: str = typer.Option(
+        _DEFAULTS.variant,
+        "--variant",
+        help="full (the paper's model), ranking-head (no ranking-aware attention) or ltr "
+        "(rank loss on score differences only).",
+    ),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Embedding cache file (default: the user cache folder)."
+    ),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Neither read nor write the embedding cache."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Decode threads (default: one per core)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+) -> None:
+    """Train a ranking adapter on your labels and save it as a model folder.
+
+    The backbone stays frozen: every image is encoded once, then only the small
+    adapter learns, with the paper's regression + pairwise rank losses on images
+    of the same group. Use the result with `imgrank sort --adapter OUT` and
+    measure it with `imgrank eval --adapter OUT`.
+
+    Examples:
+
+        imgrank train labels.tsv --out my-model
+
+        imgrank train ~/Pictures/rated --prompt "photos I like" --out my-taste
+    """
+    from imgrank.datasets import load_labels
+    from imgrank.training import train_adapter
+
+    settings = TrainSettings(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        val_split=val_split,
+        patience=patience,
+        seed=seed,
+        loss=loss,  # type: ignore[arg-type]
+        variant=variant,  # type: ignore[arg-type]
+    )
+    settings.check()  # before reading thousands of files
+    labels = load_labels(data, prompt=prompt)
+    _report_skips(labels, quiet=quiet)
+    with _Display(quiet=quiet) as display:
+        result = train_adapter(
+            labels,
+            out,
+            BackboneSpec(model=model, pretrained=pretrained),
+            settings,
+            device=device,
+            cache=_cache_choice(cache, no_cache),
+            workers=workers,
+            reporter=display,
+        )
+    # Images that failed to decode are only known after encoding.
+    late = [bad for bad in result.labels.bad if bad not in labels.bad]
+    for bad in late[:SHOWN_SKIPS]:
+        err_console.print(f"[yellow]skipped:[/] {escape(bad.describe())}")
+    best = result.best
+    measured = (
+        f": validation SRCC {_fmt(best.val_SRCC)}, MAE {_fmt(best.val_MAE, 3)}"
+        if best.val_loss is not None
+        else " (the last one: no validation)"
+    )
+    if result.interrupted:
+        err_console.print(
+            f"[bold red]interrupted:[/] saved the best epoch so far "
+            f"({result.best_epoch}{measured}) "
+            f"to {escape(str(result.out))}"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+    why = {"patience": "validation SRCC stopped improving", "epochs": "all epochs done"}[
+        result.stopped
+    ]
+    if not quiet:
+        err_console.print(
+            f"saved {escape(str(result.out))}: epoch {result.best_epoch} of {len(result.epochs)}"
+            f"{measured} ({why}, {result.summary['seconds']:.0f} s)"
+        )
+        err_console.print(
+            f"sort with it: imgrank sort FOLDER --by {escape(repr(result.labels.prompts()[0]))} "
+            f"--adapter {escape(str(result.out))}"
+        )
+
+
+def _metrics_row(name: str, m: Metrics) -> list[str]:
+    return [
+        name,
+        _fmt(m.PLCC),
+        _fmt(m.SRCC),
+        _fmt(m.KRCC),
+        _fmt(m.MAE, 3),
+        _fmt(m.accuracy),
+        str(m.n),
+    ]
+
+
+def _print_table(report: EvalReport, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("group")
+    for name in ("PLCC", "SRCC", "KRCC", "MAE", "accuracy", "n"):
+        table.add_column(name, justify="right")
+    for name, metrics in report.groups.items():
+        table.add_row(*_metrics_row(name, metrics))
+    if len(report.groups) > 1:
+        table.add_section()
+        table.add_row(*_metrics_row("mean", report.mean))
+    Console(file=sys.stdout, highlight=False, soft_wrap=True).print(table)
+
+
+@handle_errors
+def evaluate(
+    ctx: typer.Context,
+    data: Path = typer.Argument(
+        ...,
+        help="A label table (TSV/CSV: filepath, title, cname, value) or a folder of rated photos.",
+    ),
+    adapter: Path | None = typer.Option(
+        None, "--adapter", help="Model folder to evaluate (default: the zero-shot CLIP scorer)."
+    ),
+    prompt: str | None = typer.Option(
+        None, "--prompt", "-p", help="What the labels mean (required for a rated folder)."
+    ),
+    round_predictions: bool = typer.Option(
+        False,
+        "--round",
+        help="Round predictions to whole numbers first (ordinal targets: age group, decade).",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the metrics as JSON instead of a table."
+    ),
+    model: str = typer.Option(
+        DEFAULT_MODEL,
+        "--model",
+        "-m",
+        help="open_clip model name or config JSON (zero-shot; with --adapter, checked against it).",
+    ),
+    pretrained: str = typer.Option(
+        DEFAULT_PRETRAINED,
+        "--pretrained",
+        help="open_clip pretrained tag, weights file, or 'none'.",
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Embedding cache file (default: the user cache folder)."
+    ),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Neither read nor write the embedding cache."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Decode threads (default: one per core)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+) -> None:
+    """Measure how well a scorer orders labelled images: PLCC, SRCC, KRCC, MAE, pairwise accuracy.
+
+    Metrics are computed per group (images are only compared within their group)
+    and averaged over groups. Without --adapter the zero-shot CLIP scorer is
+    measured, so you can see what training bought you (its MAE is not shown:
+    its scores are not in your labels' units).
+
+    Examples:
+
+        imgrank eval test.tsv --adapter my-model
+
+        imgrank eval test.tsv --adapter my-model --json > metrics.json
+    """
+    from imgrank.datasets import load_labels
+    from imgrank.training import evaluate_labels
+
+    labels = load_labels(data, prompt=prompt)
+    _report_skips(labels, quiet=quiet)
+    with _Display(quiet=quiet) as display:
+        result = evaluate_labels(
+            labels,
+            adapter=adapter,
+            backbone_spec=BackboneSpec(model=model, pretrained=pretrained),
+            model=model if adapter is not None and _given(ctx, "model") else None,
+            pretrained=pretrained if adapter is not None and _given(ctx, "pretrained") else None,
+            device=device,
+            round_predictions=round_predictions,
+            cache=_cache_choice(cache, no_cache),
+            batch_size=batch_size,
+            workers=workers,
+            reporter=display,
+        )
+    late = [bad for bad in result.labels.bad if bad not in labels.bad]
+    for bad in late[:SHOWN_SKIPS]:
+        err_console.print(f"[yellow]skipped:[/] {escape(bad.describe())}")
+    if as_json:
+        payload: dict[str, Any] = {
+            "scorer": result.scorer,
+            "data": str(result.labels.source),
+            **result.report.to_dict(),
+            "skipped": len(result.labels.bad),
+        }
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        sys.stdout.flush()
+    else:
+        rounded = ", predictions rounded" if round_predictions else ""
+        _print_table(result.report, f"{result.scorer} on {data}{rounded}")
