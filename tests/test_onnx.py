@@ -378,10 +378,10 @@ def reference_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter_export(reference_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from imgrank.onnx_export import export_model
-
+    """Exported through the CLI: without --model/--pretrained the folder's own backbone is used."""
     out = tmp_path_factory.mktemp("adapter-export") / "vit_tiny-onnx"
-    export_model(out, adapter_dir=reference_adapter)
+    result = runner.invoke(app, ["export", "--out", str(out), "--adapter", str(reference_adapter)])
+    assert result.exit_code == 0, result.stderr
     return out
 
 
@@ -532,3 +532,38 @@ def test_sort_runtime_onnx_runs_where_torch_cannot_be_imported(
         timeout=120,
     )
     assert torch_done.returncode != 0 and "import of torch halted" in torch_done.stderr
+
+
+def test_cli_export_adapter_refuses_a_backbone_it_was_not_trained_on(
+    reference_adapter: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "wrong"
+    args = ["export", "--out", str(out), "--adapter", str(reference_adapter)]
+    result = runner.invoke(app, [*args, "--model", str(TINY_MODEL)])
+    assert result.exit_code == ModelError.exit_code
+    assert "does not fit an adapter" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda m: m["files"].pop("image"),
+        lambda m: m["files"].__setitem__("text", "text_encoder.onnx"),
+        lambda m: m.__setitem__("preprocess", {"image_size": "large"}),
+        lambda m: m.__setitem__("version", 99),
+    ],
+    ids=["no-image-graph", "text-entry-not-an-object", "bad-preprocess", "newer-format"],
+)
+def test_a_damaged_manifest_is_a_model_error_not_a_traceback(
+    tiny_export: Path, tmp_path: Path, damage
+) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_export, folder)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    damage(manifest)
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="export"):
+        OnnxModel(folder).image_encoder().encode_pixels(np.zeros((1, 3, 32, 32), np.float32))

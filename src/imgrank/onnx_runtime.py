@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import mmap
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -185,6 +186,18 @@ def _inside(folder: Path, relative: str, *, what: str, source: Path) -> Path:
     return target
 
 
+def _mentions_location(path: Path) -> bool:
+    """Whether the bytes ``location`` occur anywhere in a file (memory-mapped, no parsing)."""
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return False
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return data.find(b"location") != -1
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def check_external_data(model_path: Path) -> list[Path]:
     """Refuse an ONNX file whose external-data tensors live outside its folder.
 
@@ -199,6 +212,11 @@ def check_external_data(model_path: Path) -> list[Path]:
     Raises:
         ModelError: the file cannot be parsed, or a location leaves the folder.
     """
+    if not _mentions_location(model_path):
+        # Every external-data reference names its file under the key "location"; a file
+        # without those bytes anywhere refers to no other file, and parsing a large graph
+        # (a second or more for ViT-B-32) is not needed to know it.
+        return []
     try:
         import onnx
     except ImportError:
@@ -319,6 +337,17 @@ class OnnxModel:
         self._threads = intra_op_threads
         self._sessions: dict[str, onnxruntime.InferenceSession] = {}
         self._tokenizer: ClipTokenizer | None = None
+        try:
+            self._read_graphs()
+            self.preprocess = _checked_preprocess(self.manifest["preprocess"])
+            float(self.manifest["logit_scale"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelError(
+                f"{self.manifest_path} is malformed ({type(exc).__name__}: {exc}); export the "
+                "model again with `imgrank export`"
+            ) from None
+
+    def _read_graphs(self) -> None:
         files = self.manifest["files"]
         self.graphs: dict[str, GraphFile] = {}
         for kind in ("image", "text", "adapter"):
@@ -337,7 +366,6 @@ class OnnxModel:
         for kind in ("image", "text"):
             if kind not in self.graphs:
                 raise ModelError(f"{self.manifest_path} names no {kind} encoder; export again")
-        self.preprocess = PreprocessConfig.from_dict(self.manifest["preprocess"])
 
     @property
     def manifest_path(self) -> Path:
@@ -449,6 +477,22 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         if key not in manifest:
             raise ModelError(f"{path} lacks {key!r}; export the model again")
     return manifest
+
+
+def _checked_preprocess(data: dict[str, Any]) -> PreprocessConfig:
+    """The manifest's preprocessing, refusing values the decoder would misread."""
+    config = PreprocessConfig.from_dict(data)
+    if not isinstance(config.image_size, int) or isinstance(config.image_size, bool):
+        raise ValueError(f"image_size must be an integer, not {config.image_size!r}")
+    if config.image_size < 1:
+        raise ValueError(f"image_size must be positive, not {config.image_size}")
+    if config.resize_mode not in ("crop", "squash"):
+        raise ValueError(f"resize_mode must be crop or squash, not {config.resize_mode!r}")
+    if config.interpolation not in ("bicubic", "bilinear"):
+        raise ValueError(f"interpolation must be bicubic or bilinear, not {config.interpolation!r}")
+    if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
+        raise ValueError("mean and std need 3 values each, std above 0")
+    return config
 
 
 # --------------------------------------------------------------------------- pipeline objects
