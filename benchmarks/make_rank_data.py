@@ -15,7 +15,9 @@ table in the ranking-adapter authors' format (filepath, title, cname, value):
 * **sharpness**: real photos (``../shared/photos``) cropped at random and
   blurred to six levels; the value is the sharpness level (5 = untouched,
   0 = most blurred), one group per photo. The held-out split is a photo the
-  training set never saw, so a model must learn blur, not the scenes.
+  training set never saw, so a model must learn blur, not the scenes. Crops
+  are saved at the tiny model's input size (64 px), so no resize softens
+  the blur before the model sees it.
 
 It also writes ``tiny-vit.json``, an open_clip config of a tiny ViT (64 px
 input, 16 px patches, so a 4x4 token grid) to pass as ``--model`` with
@@ -24,7 +26,7 @@ input, 16 px patches, so a 4x4 token grid) to pass as ``--model`` with
 Usage::
 
     python benchmarks/make_rank_data.py OUT_DIR [--counting-train 480] [--counting-test 160]
-        [--sharpness-crops 12] [--seed 0]
+        [--sharpness-crops 40] [--seed 0]
 """
 
 from __future__ import annotations
@@ -114,8 +116,8 @@ def make_sharpness(
     out: Path,
     photos: Path,
     *,
-    crops: int = 12,
-    size: int = 128,
+    crops: int = 40,
+    size: int = 64,
     test_photo: str = "astronaut",
     seed: int = 0,
 ) -> None:
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder to create (must not exist or be empty)")
     parser.add_argument("--counting-train", type=int, default=480)
     parser.add_argument("--counting-test", type=int, default=160)
-    parser.add_argument("--sharpness-crops", type=int, default=12, help="crops per photo")
+    parser.add_argument("--sharpness-crops", type=int, default=40, help="crops per photo")
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
     parser.add_argument("--test-photo", default="astronaut")
     parser.add_argument("--seed", type=int, default=0)
