@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from imgrank.backbone import BackboneSpec
 from imgrank.cli import app
 from imgrank.datasets import LabelRow, LabelSet, load_labels
-from imgrank.errors import DataError
+from imgrank.errors import DataError, UnsafeOperationError
 from imgrank.training import (
     EpochRecord,
     TrainingReporter,
@@ -252,6 +252,26 @@ def test_ctrl_c_saves_the_best_epoch_so_far(counting: Path, tmp_path: Path) -> N
     assert not (tmp_path / "n").exists()
 
 
+def test_ctrl_c_on_the_command_line_saves_and_exits_130(
+    counting: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imgrank.cli import train_cmd
+
+    def interrupt(self: object, record: EpochRecord, is_best: bool) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd._Display, "epoch", interrupt)
+    table = tmp_path / "t.tsv"
+    rows = (counting / "train.tsv").read_text().splitlines()
+    body = [str(counting / r.split("\t")[0]) + "\t" + r.split("\t", 1)[1] for r in rows[1:25]]
+    table.write_text("\n".join([rows[0], *body]) + "\n")
+    out = tmp_path / "m"
+    result = invoke("train", str(table), "--out", str(out), *tiny_args(), "--epochs", "5")
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr and "saved the best epoch so far (1" in result.stderr
+    assert json.loads((out / "training.json").read_text())["stopped"] == "interrupted"
+
+
 @pytest.mark.parametrize(
     ("variant", "loss"), [("ranking-head", "bce"), ("ltr", "bce"), ("full", "hinge")]
 )
@@ -352,7 +372,7 @@ def test_existing_output_folder_is_never_touched(counting: Path, tmp_path: Path)
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     result = invoke("train", str(counting / "train.tsv"), "--out", str(out), *tiny_args())
-    assert result.exit_code == 2
+    assert result.exit_code == UnsafeOperationError.exit_code
     assert "never overwrites" in result.stderr
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (
         out / "notes.txt"

@@ -47,7 +47,7 @@ import numpy as np
 
 from imgrank.backbone import BackboneSpec
 from imgrank.datasets import LabelRow, LabelSet
-from imgrank.errors import CacheError, UsageError
+from imgrank.errors import CacheError, UnsafeOperationError, UsageError
 from imgrank.metrics import EvalReport, evaluate
 
 if TYPE_CHECKING:
@@ -495,14 +495,16 @@ def train_adapter(
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # Checked before hours of work, and again (atomically) when saving.
-        raise UsageError(
+        raise UnsafeOperationError(
             f"{out} already exists and is not an empty folder; imgrank never overwrites files: "
             "choose a new --out folder"
         )
     labels.require_rows_per_group(2, purpose="training")
     started = time.perf_counter()
 
-    backbone = load_backbone(backbone_spec, device=device, warn=reporter.warn)
+    backbone = load_backbone(
+        backbone_spec, device=device, warn=reporter.warn, lazy_image_tower=True
+    )
     adapter_config = AdapterConfig(
         d_model=int(backbone.config["embed_dim"]),
         num_layers=settings.num_layers,
@@ -776,7 +778,7 @@ def evaluate_labels(
         spec, warnings = backbone_for(folder, model=model, pretrained=pretrained)
         for message in warnings:
             reporter.warn(message)
-        backbone = load_backbone(spec, device=device, warn=reporter.warn)
+        backbone = load_backbone(spec, device=device, warn=reporter.warn, lazy_image_tower=True)
         module = load_adapter(folder, device=backbone.device)
         scorer_name = f"ranking adapter {folder.path.name} ({folder.variant})"
 
@@ -786,7 +788,9 @@ def evaluate_labels(
     else:
         if backbone_spec is None:
             raise UsageError("evaluation needs an adapter folder or a backbone")
-        backbone = load_backbone(backbone_spec, device=device, warn=reporter.warn)
+        backbone = load_backbone(
+            backbone_spec, device=device, warn=reporter.warn, lazy_image_tower=True
+        )
         scorer_name = "zero-shot CLIP"
 
         def scorer_for(prompt: str) -> Any:
