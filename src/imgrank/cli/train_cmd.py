@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -281,9 +282,12 @@ def train(
             f"saved {escape(str(result.out))}: epoch {result.best_epoch} of {len(result.epochs)}"
             f"{measured} ({why}, {result.summary['seconds']:.0f} s)"
         )
+        prompts = result.labels.prompts()
+        others = f" (or another of its {len(prompts)} prompts)" if len(prompts) > 1 else ""
         err_console.print(
-            f"sort with it: imgrank sort FOLDER --by {escape(repr(result.labels.prompts()[0]))} "
-            f"--adapter {escape(str(result.out))}"
+            "sort with it: imgrank sort FOLDER --by "
+            f"{escape(shlex.quote(prompts[0]))} "
+            f"--adapter {escape(shlex.quote(str(result.out)))}{others}"
         )
 
 
@@ -406,4 +410,4 @@ def evaluate(
         sys.stdout.flush()
     else:
         rounded = ", predictions rounded" if round_predictions else ""
-        _print_table(result.report, f"{result.scorer} on {data}{rounded}")
+        _print_table(result.report, escape(f"{result.scorer} on {data}{rounded}"))
