@@ -421,9 +421,9 @@ def adapter_threads(d_model: int, available: int) -> int:
 
     A small adapter's operations are too small to split: with several
     threads they spend their time waiting for each other, and on a busy
-    machine a step measured 60x slower with 2 threads than with 1 (64 wide,
-    16 tokens). Wider adapters get one thread per 128 of width, up to what
-    the machine has.
+    2-core machine a step of a 32-wide adapter on 16 tokens took 890 ms with
+    2 threads against 15 ms with 1. Wider adapters get one thread per 128 of
+    width, up to what the machine has.
     """
     return max(1, min(available, d_model // 128))
 
