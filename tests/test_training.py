@@ -365,6 +365,10 @@ def test_rated_folder_to_adapter(tmp_path: Path) -> None:
     )
     assert ranked.exit_code == 0, ranked.stderr
     assert len(ranked.stdout.splitlines()) == 1 + 13  # header + every photo, rated or not
+    measured = _eval_json(
+        str(folder), "--prompt", "photos I like", "--adapter", str(out), "--device", "cpu"
+    )
+    assert measured["mean"]["n"] == 12 and list(measured["groups"]) == ["photos I like"]
 
 
 def test_existing_output_folder_is_never_touched(counting: Path, tmp_path: Path) -> None:
