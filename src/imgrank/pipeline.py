@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -86,9 +88,27 @@ class ImageEncoder(Protocol):
         ...
 
 
+#: How much nicer than the model the decode threads are (Linux). The model's
+#: OpenMP threads wait for each other at every operation, so a decode thread
+#: preempting one of them stalls all; at a lower priority decoding fills the
+#: model's idle moments instead (7 % faster on an idle 2-core machine).
+DECODE_NICENESS = 5
+
+
 def default_workers() -> int:
     """Decode threads: one per core (decoding and the model share the machine)."""
     return max(1, os.cpu_count() or 1)
+
+
+def _lower_decode_priority() -> None:
+    """Thread-pool initializer: make this decode thread nicer than the model's threads."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere the priority call would apply to the whole process
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), current + DECODE_NICENESS)
+    except OSError:
+        pass  # not allowed here (a sandbox): decoding at normal priority still works
 
 
 @dataclass
@@ -188,7 +208,11 @@ def decode_batches(
     batch_paths: list[Path] = []
     batch_pixels: list[np.ndarray] = []
     source = enumerate(paths)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgrank-decode") as pool:
+    with ThreadPoolExecutor(
+        max_workers=workers,
+        thread_name_prefix="imgrank-decode",
+        initializer=_lower_decode_priority,
+    ) as pool:
 
         def refill() -> None:
             while len(pending) < in_flight_limit:
