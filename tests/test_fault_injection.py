@@ -481,3 +481,25 @@ def test_a_copy_cut_short_leaves_no_half_written_photo(
     # The first copy is whole, the cut one is gone, the folder's own file untouched.
     assert snapshot(out) == {"0001_b.jpg": before["b.jpg"], "keep.txt": b"already here"}
     assert snapshot(folder) == before
+
+
+def test_every_writing_command_refuses_until_recovered(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    before = make_folder(folder)
+    child = run_child(folder, 2, "after")
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    out = tmp_path / "out"
+    writing_commands = [
+        ["sort", str(folder), "--by", "x", "--link", str(out)],
+        ["sort", str(folder), "--by", "x", "-o", str(tmp_path / "ranking.csv")],
+        ["train", str(folder), "--prompt", "x", "--out", str(out)],
+        ["export", "--out", str(out)],
+        ["adapter", "import", str(tmp_path / "missing.pt"), "--out", str(out)],
+    ]
+    for command in writing_commands:
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 6, (command, refused.stderr)
+        assert "imgrank recover" in refused.stderr, command
+    assert not out.exists() and not (tmp_path / "ranking.csv").exists()
+    assert runner.invoke(app, ["recover"]).exit_code == 0
+    assert snapshot(folder) == before

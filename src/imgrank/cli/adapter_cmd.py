@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from imgrank.cli.common import err_console, handle_errors
+from imgrank.cli.common import check_before_writing, err_console, handle_errors
 
 app = typer.Typer(
     name="adapter",
@@ -51,6 +51,8 @@ def import_checkpoint(
         imgrank adapter import count.pt --out ~/models/count
     """
     from imgrank.checkpoints import import_authors_checkpoint
+
+    check_before_writing()  # refuse while an interrupted rename run is unsettled
 
     with err_console.status(f"importing {escape(str(checkpoint))}"):
         folder = import_authors_checkpoint(checkpoint, config, out, model_name=name)

@@ -62,3 +62,25 @@ def handle_errors(func: F) -> F:
                 raise typer.Exit(0) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def option_given(ctx: typer.Context, parameter: str) -> bool:
+    """Whether the user set an option (command line or environment), not Typer's default.
+
+    Commands that take their backbone from a model folder use this to tell
+    "the user asked for this model" from "this is the default model".
+    """
+    source = ctx.get_parameter_source(parameter)
+    return source is not None and source.name != "DEFAULT"
+
+
+def check_before_writing() -> None:
+    """The unfinished-run guard: every command that writes files calls it first.
+
+    Raises:
+        UnfinishedRunError: an interrupted rename run must be recovered first.
+    """
+    from imgrank.journal import check_no_unfinished_run
+
+    check_no_unfinished_run()
+

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from imgrank.cli.common import err_console, handle_errors, warn
+from imgrank.cli.common import check_before_writing, err_console, handle_errors, option_given, warn
 
 
 @handle_errors
@@ -51,6 +51,8 @@ def export(
     """
     from imgrank.onnx_export import export_model
 
+    check_before_writing()  # refuse while an interrupted rename run is unsettled
+
     def progress(step: str) -> None:
         if not quiet:
             err_console.print(f"exporting {escape(step)}...")
@@ -58,8 +60,8 @@ def export(
     if adapter is not None:
         # With an adapter, --model/--pretrained count only when typed: the folder names
         # its own backbone.
-        model_arg = model if _given(ctx, "model") else None
-        pretrained_arg = pretrained if _given(ctx, "pretrained") else None
+        model_arg = model if option_given(ctx, "model") else None
+        pretrained_arg = pretrained if option_given(ctx, "pretrained") else None
     else:
         model_arg, pretrained_arg = model, pretrained
     result = export_model(
@@ -79,8 +81,3 @@ def export(
             f"`imgrank sort FOLDER --by ... --runtime onnx --onnx {escape(str(result.folder))}`"
         )
 
-
-def _given(ctx: typer.Context, parameter: str) -> bool:
-    """Whether the user set an option, rather than Typer filling in its default."""
-    source = ctx.get_parameter_source(parameter)
-    return source is not None and source.name != "DEFAULT"

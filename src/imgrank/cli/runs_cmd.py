@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.markup import escape
 
-from imgrank.cli.common import err_console, handle_errors
+from imgrank.cli.common import check_before_writing, err_console, handle_errors
 from imgrank.errors import UsageError
 
 if TYPE_CHECKING:
@@ -166,17 +166,6 @@ def recover(
                 err_console.print(f"  - {escape(problem)}")
     if failed:
         raise typer.Exit(6)
-
-
-def check_before_writing() -> None:
-    """The unfinished-run guard, for commands that write into a user's folders.
-
-    Raises:
-        UnfinishedRunError: an interrupted run must be recovered first.
-    """
-    from imgrank.journal import check_no_unfinished_run
-
-    check_no_unfinished_run()
 
 
 def rename_after_sort(

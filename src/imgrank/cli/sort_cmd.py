@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
-
 from rich.markup import escape
 
 # These modules import torch only inside functions, so importing them here is cheap.
 from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from imgrank.cli.common import err_console, handle_errors, warn
+from imgrank.cli.common import check_before_writing, err_console, handle_errors, option_given, warn
 from imgrank.errors import UsageError
 from imgrank.images import DEFAULT_MAX_PIXELS
 from imgrank.outputs import FORMATS
@@ -157,14 +156,10 @@ def sort(
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if null and fmt != "paths":
         raise UsageError("--null only applies to --format paths")
-    from imgrank.cli.runs_cmd import (
-        check_before_writing,
-        rename_after_sort,
-        validate_rename_options,
-    )
+    from imgrank.cli.runs_cmd import rename_after_sort, validate_rename_options
 
     validate_rename_options(rename, apply, name_template)
-    if link is not None or copy is not None:
+    if any(target is not None for target in (link, copy, output, errors, report)):
         check_before_writing()  # no new files while an interrupted rename run is unsettled
     exclude = [p for p in (link, copy) if p is not None]
     request = SortRequest(
@@ -185,8 +180,8 @@ def sort(
         cache=cache,
         use_cache=not no_cache,
         adapter=adapter,
-        model_given=_given(ctx, "model"),
-        pretrained_given=_given(ctx, "pretrained"),
+        model_given=option_given(ctx, "model"),
+        pretrained_given=option_given(ctx, "pretrained"),
         runtime=runtime,
         onnx=onnx,
         providers=providers,
@@ -276,11 +271,6 @@ def sort(
             f"in {ranking.seconds:.1f} s, scored by {escape(ranking.scorer)}"
         )
 
-
-def _given(ctx: typer.Context, parameter: str) -> bool:
-    """Whether the user set an option (command line or environment), not Typer's default."""
-    source = ctx.get_parameter_source(parameter)
-    return source is not None and source.name != "DEFAULT"
 
 
 def _progress(*, enabled: bool) -> Progress | None:

@@ -13,7 +13,14 @@ from rich.markup import escape
 
 # These modules import torch only inside functions, so importing them here is cheap.
 from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
-from imgrank.cli.common import EXIT_INTERRUPTED, err_console, handle_errors, warn
+from imgrank.cli.common import (
+    EXIT_INTERRUPTED,
+    check_before_writing,
+    err_console,
+    handle_errors,
+    option_given,
+    warn,
+)
 from imgrank.training import EpochRecord, TrainingReporter, TrainSettings
 
 if TYPE_CHECKING:
@@ -27,11 +34,6 @@ SHOWN_SKIPS = 20
 
 _DEFAULTS = TrainSettings()
 
-
-def _given(ctx: typer.Context, parameter: str) -> bool:
-    """Whether the user set an option (command line or environment), not Typer's default."""
-    source = ctx.get_parameter_source(parameter)
-    return source is not None and source.name != "DEFAULT"
 
 
 def _cache_choice(cache: Path | None, no_cache: bool) -> Path | bool:
@@ -233,6 +235,8 @@ def train(
     from imgrank.datasets import load_labels
     from imgrank.training import train_adapter
 
+    check_before_writing()  # refuse while an interrupted rename run is unsettled
+
     settings = TrainSettings(
         epochs=epochs,
         batch_size=batch_size,
@@ -387,8 +391,8 @@ def evaluate(
             labels,
             adapter=adapter,
             backbone_spec=BackboneSpec(model=model, pretrained=pretrained),
-            model=model if adapter is not None and _given(ctx, "model") else None,
-            pretrained=pretrained if adapter is not None and _given(ctx, "pretrained") else None,
+            model=model if adapter is not None and option_given(ctx, "model") else None,
+            pretrained=pretrained if adapter is not None and option_given(ctx, "pretrained") else None,
             device=device,
             round_predictions=round_predictions,
             cache=_cache_choice(cache, no_cache),
