@@ -548,6 +548,7 @@ def load_backbone(
     """
     import torch
 
+    _register_fast_exit()
     device = resolve_device(device)
     if device == "cpu":
         # Set before any tensor work so the thread pool starts at that size.
@@ -618,6 +619,27 @@ def load_backbone(
         device=device,
         weights_id=weights_id,
     )
+
+
+_fast_exit_registered = False
+
+
+def _register_fast_exit() -> None:
+    """Spare the garbage collector's last pass over torch's objects when the process ends.
+
+    With torch, torchvision and open_clip imported, ending the interpreter took
+    about 0.9 s on the 2-core benchmark machine, a quarter of a cached re-sort;
+    :func:`gc.freeze` at exit (after every ``atexit`` handler registered later,
+    which run first) cuts it to under 0.2 s. Objects are still released by
+    reference counting; only cyclic garbage is left to the operating system.
+    """
+    global _fast_exit_registered
+    if not _fast_exit_registered:
+        import atexit
+        import gc
+
+        atexit.register(gc.freeze)
+        _fast_exit_registered = True
 
 
 def available_cores() -> int:
