@@ -261,3 +261,28 @@ def test_adapter_scorer_scores_tokens_with_the_regression_head() -> None:
     assert text.calls == 1 and scorer.needs_tokens
     with pytest.raises(ModelError, match="needs visual tokens"):
         scorer.score(FeatureBatch(pooled=np.zeros((3, 8), np.float32)))
+
+
+def test_a_cached_adapter_resort_builds_no_image_tower(
+    imported: dict[str, Path], photos: Path, tmp_path: Path
+) -> None:
+    """A second sort with an adapter is served from the cache's visual tokens."""
+    reference("vit_tiny")
+    from imgrank.adapter_scoring import load_adapter_scoring
+    from imgrank.backbone import image_tower_built
+    from imgrank.cache import EmbeddingCache
+    from imgrank.pipeline import score_images
+
+    paths = sorted(photos.iterdir())
+    db = tmp_path / "cache.sqlite3"
+    runs = []
+    for _ in range(2):
+        backbone, scorer = load_adapter_scoring(imported["vit_tiny"], PROMPT, device="cpu")
+        with EmbeddingCache.open(db) as cache:
+            runs.append(dict(score_images(paths, backbone, scorer, cache=cache)))
+        runs.append(image_tower_built(backbone))
+    first, first_built, second, second_built = runs
+    assert first_built and not second_built
+    assert set(first) == set(second) == set(paths)
+    for path in paths:  # tokens are cached in float16
+        assert second[path] == pytest.approx(first[path], abs=1e-3)

@@ -204,7 +204,7 @@ def test_console_script_pipes_data_only_to_stdout(photo_dir: Path) -> None:
     table = rows(done.stdout.decode())
     assert len(table) == 4
     # stderr is not a terminal here: no progress bar or summary, only the random-weights warning.
-    assert b"ranked" not in done.stderr and b"RANDOM" in done.stderr
+    assert b"scored" not in done.stderr and b"RANDOM" in done.stderr
     quiet = run_script("sort", str(photo_dir), "--by", "image quality", "--quiet", *tiny_args())
     assert quiet.stderr == b"" and quiet.stdout == done.stdout
 
@@ -232,3 +232,48 @@ def test_importing_the_cli_does_not_import_torch() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert run_script("--help").returncode == 0
     assert b"--by" in run_script("sort", "--help").stdout
+
+
+def test_missing_torch_is_one_message_not_a_traceback(photo_dir: Path, tmp_path: Path) -> None:
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "torch.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(shim)}
+    done = run_script("sort", str(photo_dir), "--by", "image quality", *tiny_args(), env=env)
+    assert done.returncode == 4
+    assert b"torch is not installed" in done.stderr and b"--runtime onnx" in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+def test_summary_on_a_terminal_says_what_came_from_the_cache(photo_dir: Path) -> None:
+    """With stderr on a terminal: progress and a summary; the re-sort is served from the cache."""
+    import pty
+
+    def sort_on_a_tty(prompt: str) -> str:
+        leader, follower = pty.openpty()
+        try:
+            done = subprocess.run(
+                [IMGRANK, "sort", str(photo_dir), "--by", prompt, *tiny_args()],
+                stdout=subprocess.PIPE, stderr=follower, timeout=300, check=True,
+            )  # fmt: skip
+            os.close(follower)
+            chunks = []
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # the terminal closed: everything has been read
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(leader)
+        assert len(rows(done.stdout.decode())) == 4  # the data still goes to stdout only
+        return b"".join(chunks).decode(errors="replace")
+
+    first = sort_on_a_tty("image quality")
+    assert "scored 4 image(s) (0 from the embedding cache)" in " ".join(first.split())
+    second = sort_on_a_tty("sharpness")
+    assert "scored 4 image(s) (4 from the embedding cache)" in " ".join(second.split())

@@ -216,7 +216,8 @@ def load_adapter_scoring(
     for message in warnings:
         if warn is not None:
             warn(message)
-    backbone = load_backbone(spec, device=device, warn=warn)
+    # Built on first use: a re-sort served from the embedding cache needs no image tower.
+    backbone = load_backbone(spec, device=device, warn=warn, lazy_image_tower=True)
     # The adapter stays in float32 even where the backbone runs in half precision:
     # it is small, and its LayerNorms and sums over tokens are precision-sensitive.
     adapter = load_adapter(folder, device=backbone.device)

@@ -37,6 +37,10 @@ class Ranking:
     prompt: str = ""
     scorer: str = ""
     seconds: float = 0.0
+    #: How many images were scored (more than ``len(items)`` with ``--top``).
+    scored: int = 0
+    #: How many of them were scored from the embedding cache (nothing decoded).
+    from_cache: int = 0
 
 
 def rank_scores(

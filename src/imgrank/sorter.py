@@ -16,7 +16,7 @@ from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
 from imgrank.cache import EmbeddingCache
 from imgrank.errors import NoImagesRankedError, UsageError
 from imgrank.images import DEFAULT_MAX_PIXELS, find_images
-from imgrank.pipeline import DEFAULT_BATCH_SIZE, ImageEncoder, score_images
+from imgrank.pipeline import DEFAULT_BATCH_SIZE, ImageEncoder, PipelineStats, score_images
 from imgrank.ranking import Ranking, SkippedFile, rank_scores
 from imgrank.scoring import Scorer
 
@@ -142,6 +142,7 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         encoder = backbone
     callbacks.found(len(paths))
     cache = _open_cache(request, callbacks.warn)
+    stats = PipelineStats()
     try:
         scored = score_images(
             paths,
@@ -154,6 +155,7 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
             on_progress=callbacks.advance,
             cache=cache,
             on_warning=callbacks.warn,
+            stats=stats,
         )
     finally:
         if cache is not None:
@@ -170,6 +172,8 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         prompt=request.prompt,
         scorer=scorer.name,
         seconds=time.perf_counter() - started,
+        scored=len(scored),
+        from_cache=stats.cache_hits,
     )
 
 

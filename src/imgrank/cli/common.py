@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from imgrank.errors import ImgrankError
+from imgrank.errors import ImgrankError, ModelError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,6 +41,18 @@ def warn(message: str, *, quiet: bool = False) -> None:
     err_console.print(f"[yellow]warning:[/] {escape(message)}")
 
 
+#: What to install when an optional heavy dependency is missing.
+_MISSING_MODULE_HINTS = {
+    "torch": "install PyTorch (pip install torch torchvision), or sort with "
+    "--runtime onnx --onnx DIR using a model exported by `imgrank export`",
+    "torchvision": "pip install torchvision (open_clip needs it)",
+    "open_clip": "pip install open_clip_torch",
+    "onnxruntime": "pip install 'imgrank[onnx]' (or 'imgrank[gpu]' on an NVIDIA machine)",
+    "onnx": "pip install 'imgrank[onnx]'",
+    "tokenizers": "pip install 'imgrank[onnx]'",
+}
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into one message and an exit code, never a traceback."""
 
@@ -51,6 +63,12 @@ def handle_errors(func: F) -> F:
         except ImgrankError as exc:
             error(str(exc))
             raise typer.Exit(exc.exit_code) from None
+        except ModuleNotFoundError as exc:
+            hint = _MISSING_MODULE_HINTS.get((exc.name or "").split(".")[0])
+            if hint is None:
+                raise
+            error(f"{exc.name} is not installed: {hint}")
+            raise typer.Exit(ModelError.exit_code) from None
         except KeyboardInterrupt:
             error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None

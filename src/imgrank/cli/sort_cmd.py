@@ -267,7 +267,8 @@ def sort(
         write_preview(ranking, preview, sys.stderr, max_pixels=max_pixels)
     if interactive:
         err_console.print(
-            f"ranked {len(ranking.items)} image(s), skipped {len(ranking.skipped)} file(s) "
+            f"scored {ranking.scored} image(s) ({ranking.from_cache} from the embedding cache), "
+            f"skipped {len(ranking.skipped)} file(s) "
             f"in {ranking.seconds:.1f} s, scored by {escape(ranking.scorer)}"
         )
 
