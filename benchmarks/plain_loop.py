@@ -5,7 +5,7 @@ cosine with the prompt, sort, write a CSV. Same architecture as the benchmark's
 ``imgrank sort`` runs (ViT-B-32, random weights: speed does not depend on
 weight values). Run by ``bench_sort.py`` as a separate process.
 
-Usage: python benchmarks/plain_loop.py FOLDER PROMPT OUT.csv
+Usage: python benchmarks/plain_loop.py FOLDER PROMPT OUT.csv [WEIGHTS|none]
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 
-def main(folder: str, prompt: str, out: str) -> None:
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+def main(folder: str, prompt: str, out: str, weights: str = "none") -> None:
+    pretrained = None if weights == "none" else weights
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=pretrained)
     model.eval()
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
@@ -44,4 +45,4 @@ def main(folder: str, prompt: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
