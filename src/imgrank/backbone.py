@@ -485,29 +485,40 @@ class Backbone:
         """Run the text tower on token ids: pooled embedding and per-position tokens."""
         import torch
 
-        model = self.model
-        ids = ids.to(self.device)
         with torch.inference_mode():
-            cast_dtype = model.transformer.get_cast_dtype()
-            x = model.token_embedding(ids).to(cast_dtype)
-            x = x + model.positional_embedding.to(cast_dtype)
-            x = model.transformer(x, attn_mask=model.attn_mask)
-            x = model.ln_final(x)  # (N, L, width): the adapter's text tokens
-            from open_clip.transformer import text_global_pool
-
-            pooled = text_global_pool(
-                x, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
-            )
-            if model.text_projection is not None:
-                if isinstance(model.text_projection, torch.nn.Linear):
-                    pooled = model.text_projection(pooled)
-                else:
-                    pooled = pooled @ model.text_projection
-        return TextFeatures(pooled=pooled, tokens=x)
+            pooled, tokens = text_tower_forward(self.model, ids.to(self.device))
+        return TextFeatures(pooled=pooled, tokens=tokens)
 
     def encode_text(self, texts: list[str]) -> TextFeatures:
         """Tokenize and encode prompts."""
         return self.encode_token_ids(self.tokenize(texts))
+
+
+def text_tower_forward(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text tower of an open_clip CLIP: ``(pooled, tokens)`` for token ids (N, L).
+
+    ``tokens`` are all context positions after ``ln_final``, not projected (the
+    adapter's text tokens); ``pooled`` is open_clip's pooled, projected text
+    embedding. One function serves the torch path and the ONNX export, so the
+    two cannot drift apart.
+    """
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(ids).to(cast_dtype)
+    x = x + model.positional_embedding.to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    tokens = model.ln_final(x)  # (N, L, width)
+    pooled = text_global_pool(
+        tokens, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
+    )
+    if model.text_projection is not None:
+        if isinstance(model.text_projection, torch.nn.Linear):
+            pooled = model.text_projection(pooled)
+        else:
+            pooled = pooled @ model.text_projection
+    return pooled, tokens
 
 
 def load_backbone(

@@ -239,7 +239,8 @@ def _image_module(backbone: Backbone) -> tuple[torch.nn.Module, bool]:
 def _text_module(backbone: Backbone) -> torch.nn.Module:
     """A module computing what ``Backbone.encode_token_ids`` computes."""
     import torch
-    from open_clip.transformer import text_global_pool
+
+    from imgrank.backbone import text_tower_forward
 
     model = backbone.model
     if not hasattr(model, "token_embedding"):
@@ -254,21 +255,7 @@ def _text_module(backbone: Backbone) -> torch.nn.Module:
             self.model = model
 
         def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            m = self.model
-            cast_dtype = m.transformer.get_cast_dtype()
-            x = m.token_embedding(input_ids).to(cast_dtype)
-            x = x + m.positional_embedding.to(cast_dtype)
-            x = m.transformer(x, attn_mask=m.attn_mask)
-            x = m.ln_final(x)
-            pooled = text_global_pool(
-                x, input_ids, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None)
-            )
-            if m.text_projection is not None:
-                if isinstance(m.text_projection, torch.nn.Linear):
-                    pooled = m.text_projection(pooled)
-                else:
-                    pooled = pooled @ m.text_projection
-            return pooled, x
+            return text_tower_forward(self.model, input_ids)
 
     return TextTower().eval()
 
