@@ -277,3 +277,20 @@ def test_summary_on_a_terminal_says_what_came_from_the_cache(photo_dir: Path) ->
     assert "scored 4 image(s) (0 from the embedding cache)" in " ".join(first.split())
     second = sort_on_a_tty("sharpness")
     assert "scored 4 image(s) (4 from the embedding cache)" in " ".join(second.split())
+
+
+def test_a_failed_run_leaves_output_files_as_they_were(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.jpg").write_bytes(b"garbage")
+    fresh, kept, errors = tmp_path / "new.csv", tmp_path / "kept.csv", tmp_path / "errors.csv"
+    kept.write_text("an earlier ranking\n")
+    for out, extra in ((fresh, []), (kept, ["--force"])):
+        result = sort(str(broken), "--by", "x", "-o", str(out), "--errors", str(errors), "--force", *extra)
+        assert result.exit_code == 3
+        # The skipped files are listed even though nothing was ranked...
+        assert [Path(r["path"]).name for r in csv.DictReader(errors.open())] == ["bad.jpg"]
+    # ...but no empty ranking appears, and the one --force would replace is intact.
+    assert not fresh.exists()
+    assert kept.read_text() == "an earlier ranking\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "errors.csv", "kept.csv"]

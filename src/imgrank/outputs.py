@@ -19,7 +19,9 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -81,22 +83,60 @@ def write_ranking(
         raise ValueError(f"unknown format {fmt!r}")
 
 
-def open_new_file(path: Path, *, overwrite: bool = False) -> BinaryIO:
-    """Open ``path`` for writing, refusing to replace an existing file unless asked.
+def check_new_file(path: Path, *, overwrite: bool = False) -> None:
+    """Refuse early (before minutes of work) an output file that cannot or must not be written.
 
     Raises:
-        UnsafeOperationError: the file exists and ``overwrite`` is False.
+        UnsafeOperationError: ``path`` exists and ``overwrite`` is False, is a
+            folder, or its folder does not exist.
     """
-    try:
-        if overwrite:
-            return open(path, "wb")  # noqa: SIM115 - the caller closes it
-        return open(path, "xb")  # noqa: SIM115
-    except FileExistsError:
+    if path.is_dir():
+        raise UnsafeOperationError(f"{path} is a folder; give a file name")
+    if os.path.lexists(path) and not overwrite:
         raise UnsafeOperationError(
             f"{path} already exists; imgrank never overwrites a file unless --force is given"
-        ) from None
+        )
+    if not path.absolute().parent.is_dir():
+        raise UnsafeOperationError(f"cannot write {path}: its folder does not exist")
+
+
+@contextmanager
+def new_file(path: Path, *, overwrite: bool = False) -> Iterator[BinaryIO]:
+    """Write ``path`` all at once: into a temporary file beside it, moved into place on success.
+
+    A failed or interrupted run therefore leaves neither a half-written nor an
+    empty file, and with ``overwrite`` the previous file stays intact until the
+    new one is complete. Without ``overwrite`` the file is put in place with a
+    hard link, which fails rather than replaces if the name appeared meanwhile.
+
+    Raises:
+        UnsafeOperationError: the file exists (and ``overwrite`` is False) or cannot be written.
+    """
+    check_new_file(path, overwrite=overwrite)
+    folder = path.absolute().parent
+    try:
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".imgrank-partial", dir=folder
+        )
     except OSError as exc:
         raise UnsafeOperationError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise UnsafeOperationError(
+                    f"{path} appeared while imgrank was running; it was left untouched"
+                ) from None
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
 
 
 def write_errors_csv(skipped: Iterable[SkippedFile], stream: BinaryIO) -> None:

@@ -149,7 +149,13 @@ def sort(
 
         imgrank sort ./photos --by "sharpness" --format paths --top 20 | xargs -d '\\n' ls -l
     """
-    from imgrank.outputs import materialize, open_new_file, write_errors_csv, write_ranking
+    from imgrank.outputs import (
+        check_new_file,
+        materialize,
+        new_file,
+        write_errors_csv,
+        write_ranking,
+    )
     from imgrank.sorter import SortCallbacks, SortRequest, sort_folder
 
     if fmt not in FORMATS:
@@ -186,7 +192,11 @@ def sort(
         onnx=onnx,
         providers=providers,
     )
-    if report is not None:  # refused now rather than after minutes of work
+    # Output files that would be refused are refused now, not after minutes of work.
+    for target in (output, errors):
+        if target is not None:
+            check_new_file(target, overwrite=force)
+    if report is not None:
         from imgrank.report import check_report_destination
 
         check_report_destination(report, overwrite=force)
@@ -199,15 +209,6 @@ def sort(
         err_console.print(f"[yellow]skipped:[/] {escape(str(item.path))}: {escape(item.reason)}")
 
     with ExitStack() as stack:
-        # Open output files first: a refusal to overwrite should come before minutes of work.
-        out_stream = (
-            stack.enter_context(open_new_file(output, overwrite=force))
-            if output is not None
-            else sys.stdout.buffer
-        )
-        errors_stream = (
-            stack.enter_context(open_new_file(errors, overwrite=force)) if errors is not None else None
-        )
         progress = _progress(enabled=interactive)
         if progress is not None:
             stack.enter_context(progress)
@@ -229,15 +230,19 @@ def sort(
         finally:
             if progress is not None:
                 progress.stop()
-            if errors_stream is not None:
+            if errors is not None:
                 # Written even when the run ends with no image ranked: that is when it matters most.
-                write_errors_csv(skipped, errors_stream)
+                with new_file(errors, overwrite=force) as stream:
+                    write_errors_csv(skipped, stream)
         if rename:  # first, so the ranking, links and copies name the files as they now are
             ranking.items = rename_after_sort(
                 ranking.items, folder, prompt=by, template=name_template, apply=apply, quiet=quiet
             )
-        if not rename or output is not None:
-            write_ranking(ranking.items, out_stream, fmt, null=null)
+        if output is not None:
+            with new_file(output, overwrite=force) as stream:
+                write_ranking(ranking.items, stream, fmt, null=null)
+        elif not rename:  # with --rename, stdout shows the plan instead
+            write_ranking(ranking.items, sys.stdout.buffer, fmt, null=null)
         if link is not None:
             materialize(ranking.items, link, mode="link")
         if copy is not None:
@@ -269,7 +274,7 @@ def sort(
         err_console.print(
             f"scored {ranking.scored} image(s) ({ranking.from_cache} from the embedding cache), "
             f"skipped {len(ranking.skipped)} file(s) "
-            f"in {ranking.seconds:.1f} s, scored by {escape(ranking.scorer)}"
+            f"in {ranking.seconds:.1f} s with {escape(ranking.scorer)}"
         )
 
 
