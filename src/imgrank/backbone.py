@@ -293,6 +293,7 @@ def _download_pretrained(model_name: str, tag: str) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     cached = _cached_pretrained(cfg, cache)
     if cached is not None:
+        _remember_resolved(model_name, tag, cached)
         return cached
     offline_help = (
         f"the weights {model_name}/{tag} are not in {cache} and could not be downloaded "
@@ -313,7 +314,36 @@ def _download_pretrained(model_name: str, tag: str) -> Path:
         hub_logger.setLevel(level)
     if not target:
         raise WeightsUnavailableError(f"no download source is known for {model_name}/{tag}")
+    _remember_resolved(model_name, tag, Path(target))
     return Path(target)
+
+
+def _remember_resolved(model_name: str, tag: str, path: Path) -> None:
+    """Note which file a pretrained tag resolved to (``weights/resolved.json``).
+
+    A re-sort served from the embedding cache reads this instead of importing
+    open_clip's registry of tags (see :mod:`imgrank.text_only`). Best effort:
+    a memo that cannot be written only costs that shortcut.
+    """
+    import tempfile
+
+    from imgrank.paths import weights_dir
+
+    memo = weights_dir() / "resolved.json"
+    key, value = f"{model_name}|{tag}", str(path.absolute())
+    try:
+        known = json.loads(memo.read_text()) if memo.is_file() else {}
+        if not isinstance(known, dict):
+            known = {}
+        if known.get(key) == value:
+            return
+        known[key] = value
+        handle, temporary = tempfile.mkstemp(dir=memo.parent, prefix=".resolved.", suffix=".json")
+        with os.fdopen(handle, "w") as stream:
+            json.dump(known, stream, indent=1, sort_keys=True)
+        os.replace(temporary, memo)  # imgrank's own file: replaced whole, never half-written
+    except (OSError, ValueError):
+        return
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -1,0 +1,313 @@
+"""Encode a prompt without importing open_clip: the warm re-sort's fast start.
+
+A re-sort served entirely from the embedding cache needs only the text tower.
+Importing open_clip costs 1.4 s on a 2-core machine (it imports torchvision,
+which imports ``torch._dynamo``), more than everything else such a run does.
+This module runs the standard CLIP text transformer as plain torch tensor
+operations on the same state-dict keys, with open_clip's own tokenizer file
+loaded on its own (it needs neither the open_clip package nor torchvision).
+
+It covers the text towers of open_clip's ordinary CLIP configs only (causal
+mask, argmax pooling, projection matrix). Anything else returns None from
+:func:`light_text_encoder` and the caller builds the full backbone as usual;
+``tests/test_text_only.py`` checks both towers agree.
+
+The features it produces are only used when the embedding cache already holds
+every photo for the same encoder fingerprint, computed here exactly as
+:attr:`imgrank.backbone.Backbone.fingerprint` computes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imgrank.backbone import BackboneSpec, PreprocessConfig, default_preprocess
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+#: text_cfg keys the plain tower implements; any other key means a variant it does not.
+_PLAIN_TEXT_KEYS = {
+    "context_length", "vocab_size", "width", "heads", "layers", "output_tokens", "mlp_ratio"
+}
+#: Top-level config keys that change nothing in the text tower's forward.
+_NEUTRAL_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale"}
+
+
+def _open_clip_folder() -> Path | None:
+    """open_clip's package folder, found without importing the package."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _named_config(name: str) -> dict[str, Any] | None:
+    """open_clip's config for a model name, read from its JSON file (open_clip not imported)."""
+    folder = _open_clip_folder()
+    if folder is None:
+        return None
+    path = folder / "model_configs" / f"{name}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _tokenizer_module() -> Any:
+    """open_clip's tokenizer.py as a stand-alone module (it has no package-relative imports)."""
+    name = "imgrank._open_clip_tokenizer"
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = _open_clip_folder()
+    if folder is None:
+        return None
+    spec = importlib.util.spec_from_file_location(name, folder / "tokenizer.py")
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def remembered_weights(model: str, tag: str) -> Path | None:
+    """The file an earlier run resolved this pretrained tag to (see ``backbone``), if any."""
+    from imgrank.paths import weights_dir
+
+    memo = weights_dir() / "resolved.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return None
+    value = known.get(f"{model}|{tag}") if isinstance(known, dict) else None
+    if not isinstance(value, str):
+        return None
+    path = Path(value)
+    return path if path.is_file() else None
+
+
+class LightTextEncoder:
+    """The text tower of a standard CLIP config, with the backbone's cache fingerprint."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        weights: Path,
+        preprocess: PreprocessConfig,
+    ) -> None:
+        self.config = config
+        self.weights = weights
+        self.preprocess = preprocess
+        stat = weights.stat()
+        self.weights_id = f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}"
+        self._tower: Any = None
+        self._logit_scale: float | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Equal to ``Backbone.fingerprint`` for the same config, weights and preprocessing."""
+        blob = json.dumps(
+            {"config": self.config, "weights": self.weights_id, "pp": self.preprocess.to_dict()},
+            sort_keys=True,
+        ).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+    def _build(self) -> None:
+        from imgrank.backbone import _register_fast_exit, _WeightsFile
+
+        _register_fast_exit()
+        state = _WeightsFile(self.weights).load(exclude="visual.")
+        self._tower = _PlainTextTower(self.config, state)
+        self._logit_scale = min(float(state["logit_scale"].float().exp().item()), 100.0)
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, float]:
+        """Pooled, projected text embeddings (N, E) as float32, and CLIP's temperature."""
+        import torch
+
+        if self._tower is None:
+            self._build()
+        tokenizer = _tokenizer_module().SimpleTokenizer(
+            context_length=int(self.config["text_cfg"].get("context_length", 77))
+        )
+        with torch.inference_mode():
+            pooled = self._tower(tokenizer(texts))
+        assert self._logit_scale is not None
+        return pooled.float().numpy(), self._logit_scale
+
+
+def light_text_encoder(spec: BackboneSpec, device: str) -> LightTextEncoder | None:
+    """A text encoder that avoids open_clip, when the spec allows one; else None.
+
+    Only for CPU runs of ordinary CLIP configs whose weights are a file already
+    on disk (a local file, or a pretrained tag an earlier run downloaded).
+    """
+    if spec.is_random or spec.model_config is not None or device not in ("auto", "cpu"):
+        return None
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return None  # the GPU path runs the text tower in half precision: keep one path
+    path = Path(spec.model).expanduser()
+    if spec.model.endswith(".json") or path.is_file():
+        from imgrank.backbone import resolve_model_config
+        from imgrank.errors import ModelError
+
+        try:
+            _name, config = resolve_model_config(spec)  # reads the JSON; no open_clip import
+        except ModelError:
+            return None  # the full path reports the problem
+    else:
+        config = _named_config(spec.model)
+    if config is None or not set(config) <= _NEUTRAL_TOP_KEYS:
+        return None
+    if not set(config.get("text_cfg", {})) <= _PLAIN_TEXT_KEYS:
+        return None
+    candidate = Path(spec.pretrained).expanduser()
+    weights = candidate if candidate.is_file() else remembered_weights(spec.model, spec.pretrained)
+    if weights is None or _tokenizer_module() is None:
+        return None
+    return LightTextEncoder(config, weights, spec.preprocess or default_preprocess(config))
+
+
+class _PlainTextTower:
+    """The CLIP text transformer as plain tensor operations on its state dict.
+
+    No ``nn.Module`` is built: module constructors initialise their weights
+    randomly (0.2 s for ViT-B-32's text tower, and on the meta device PyTorch
+    even imports its compiler), only for the weights to be replaced.
+    """
+
+    def __init__(self, config: dict[str, Any], state: dict[str, Any]) -> None:
+        import torch
+
+        text = config["text_cfg"]
+        self.width = int(text["width"])
+        self.heads = int(text.get("heads", 8))
+        self.layers = int(text["layers"])
+        self.quick_gelu = bool(config.get("quick_gelu", False))
+        self.state = {key: value.float() for key, value in state.items()}
+        wanted = ["token_embedding.weight", "positional_embedding", "ln_final.weight",
+                  "ln_final.bias", "text_projection"]  # fmt: skip
+        for i in range(self.layers):
+            prefix = f"transformer.resblocks.{i}."
+            wanted += [prefix + name for name in _BLOCK_KEYS]
+        missing = [key for key in wanted if key not in self.state]
+        if missing:
+            raise KeyError(f"weights lack {', '.join(missing[:4])}")
+        context = self.state["positional_embedding"].shape[0]
+        self.mask = torch.full((context, context), float("-inf")).triu_(1)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        w, width, heads = self.state, self.width, self.heads
+        # With a causal mask no position sees the ones after it, so the padding after
+        # the last end-of-text token cannot change the pooled output: drop it.
+        length = int(ids.argmax(dim=-1).max().item()) + 1
+        ids = ids[:, :length]
+        batch = ids.shape[0]
+        mask = self.mask[:length, :length]
+        x = F.embedding(ids, w["token_embedding.weight"]) + w["positional_embedding"][:length]
+        for i in range(self.layers):
+            p = f"transformer.resblocks.{i}."
+            y = F.layer_norm(x, (width,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
+            qkv = F.linear(y, w[p + "attn.in_proj_weight"], w[p + "attn.in_proj_bias"])
+            q, k, v = (
+                part.reshape(batch, length, heads, width // heads).transpose(1, 2)
+                for part in qkv.split(width, dim=-1)
+            )
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            attended = attended.transpose(1, 2).reshape(batch, length, width)
+            x = x + F.linear(attended, w[p + "attn.out_proj.weight"], w[p + "attn.out_proj.bias"])
+            y = F.layer_norm(x, (width,), w[p + "ln_2.weight"], w[p + "ln_2.bias"])
+            y = F.linear(y, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
+            y = y * torch.sigmoid(1.702 * y) if self.quick_gelu else F.gelu(y)
+            x = x + F.linear(y, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+        x = F.layer_norm(x, (width,), w["ln_final.weight"], w["ln_final.bias"])
+        pooled = x[torch.arange(batch), ids.argmax(dim=-1)]  # at the end-of-text token
+        return pooled @ w["text_projection"]
+
+
+_BLOCK_KEYS = (
+    "ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+    "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
+    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+)  # fmt: skip
+
+
+class BackboneOnDemand:
+    """An image encoder with the backbone's fingerprint that builds the backbone only if used.
+
+    A warm re-sort scores every photo from the cache and never calls
+    :meth:`encode_pixels`; if a photo changed after the cache was checked, the
+    full backbone is built then, and its features are the ones a cold run
+    computes.
+    """
+
+    def __init__(self, spec: BackboneSpec, light: LightTextEncoder, device: str, warn: Any) -> None:
+        self.name = spec.model
+        self.pretrained = spec.pretrained
+        self.preprocess = light.preprocess
+        self._fingerprint = light.fingerprint
+        self._spec = spec
+        self._device = device
+        self._warn = warn
+        self.backbone: Any = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def encode_pixels(self, pixels: np.ndarray, *, tokens: bool = False) -> Any:
+        if self.backbone is None:
+            from imgrank.backbone import load_backbone
+
+            self.backbone = load_backbone(self._spec, device=self._device, warn=self._warn)
+        return self.backbone.encode_pixels(pixels, tokens=tokens)
+
+
+def warm_zero_shot(
+    spec: BackboneSpec,
+    prompt: str,
+    against: str | None,
+    paths: list[Path],
+    cache: Any,
+    *,
+    device: str,
+    warn: Any = None,
+) -> tuple[BackboneOnDemand, Any] | None:
+    """Encoder and zero-shot scorer for a re-sort whose photos are all in the cache.
+
+    Returns None (the caller then builds the full backbone) unless the spec
+    allows the open_clip-free text tower and every path is cached, unchanged,
+    for this backbone.
+    """
+    from imgrank.cache import FileKey
+    from imgrank.pipeline import cache_fingerprint, describe_encoder
+    from imgrank.scoring import ZeroShotScorer, antonym_pair
+
+    light = light_text_encoder(spec, device)
+    if light is None:
+        return None
+    encoder = BackboneOnDemand(spec, light, device, warn)
+    try:
+        keys = [FileKey.of(path) for path in paths]
+        model_id = cache.model_id(cache_fingerprint(encoder), describe_encoder(encoder))
+        if len(cache.get_many(model_id, keys, tokens=False)) != len(keys):
+            return None
+    except Exception:  # noqa: BLE001 - a vanished file or a cache problem: the full path reports it
+        return None
+    positive, negative = antonym_pair(prompt, against)
+    try:
+        pooled, scale = light.encode([positive, negative])
+    except Exception:  # noqa: BLE001 - weights this tower cannot read: the full path explains
+        return None
+    return encoder, ZeroShotScorer(pooled, scale, positive, negative)
