@@ -226,38 +226,47 @@ def profile_child(folder: str, cache: str, prompt: str) -> None:
     import torch  # noqa: F401
 
     lap("import torch")
-    import open_clip  # noqa: F401
-
-    lap("import open_clip (+ torchvision, timm)")
     from imgrank.backbone import BackboneSpec, image_tower_built, load_backbone
     from imgrank.cache import open_cache
     from imgrank.images import find_images
     from imgrank.pipeline import PipelineStats, score_images
     from imgrank.ranking import rank_scores
     from imgrank.scoring import ZeroShotScorer
+    from imgrank.text_only import warm_zero_shot
 
     paths = find_images(Path(folder))
     lap("import imgrank, scan folder")
-    backbone = load_backbone(
-        BackboneSpec(model="ViT-B-32", pretrained=os.environ.get("IMGRANK_BENCH_WEIGHTS", "none")),
-        device="cpu",
-        lazy_image_tower=True,
-    )
-    lap("build model (text tower; image tower is lazy)")
-    scorer = ZeroShotScorer.for_backbone(backbone, prompt)
-    lap("tokenize + text tower")
+    spec = BackboneSpec(model="ViT-B-32", pretrained=os.environ.get("IMGRANK_BENCH_WEIGHTS", "none"))
     stats = PipelineStats()
+    backbone = None
     with open_cache(cache) as store:
-        scored = score_images(paths, backbone, scorer, cache=store, stats=stats)
-    lap("score_images (lookups, decode, image tower, cache writes)")
+        # What `imgrank sort` does: a fully cached folder needs neither open_clip nor the
+        # image tower (imgrank.text_only); otherwise the full backbone is built.
+        warm = warm_zero_shot(spec, prompt, None, paths, store, device="cpu")
+        if warm is not None:
+            encoder, scorer = warm
+            lap("cache check + text tower without open_clip")
+        else:
+            lap("cache check (not every photo cached)")
+            import open_clip  # noqa: F401
+
+            lap("import open_clip (+ torchvision, timm)")
+            backbone = load_backbone(spec, device="cpu", lazy_image_tower=True)
+            lap("build model (text tower; image tower is lazy)")
+            scorer = ZeroShotScorer.for_backbone(backbone, prompt)
+            encoder = backbone
+            lap("tokenize + text tower")
+        scored = score_images(paths, encoder, scorer, cache=store, stats=stats)
+        lap("score_images (lookups, decode, image tower, cache writes)")
     rank_scores(scored)
     lap("rank")
+    built = backbone is not None and image_tower_built(backbone)
     print(
         json.dumps(
             {
                 "phases": phases,
                 "stats": stats.__dict__,
-                "image_tower_built": image_tower_built(backbone),
+                "image_tower_built": built,
                 "threads": torch.get_num_threads(),
             }
         )

@@ -171,8 +171,9 @@ def light_text_encoder(spec: BackboneSpec, device: str) -> LightTextEncoder | No
         return None
     candidate = Path(spec.pretrained).expanduser()
     weights = candidate if candidate.is_file() else remembered_weights(spec.model, spec.pretrained)
-    if weights is None or _tokenizer_module() is None:
-        return None
+    folder = _open_clip_folder()
+    if weights is None or folder is None or not (folder / "tokenizer.py").is_file():
+        return None  # (the tokenizer itself is loaded only once the cache check passed)
     return LightTextEncoder(config, weights, spec.preprocess or default_preprocess(config))
 
 
