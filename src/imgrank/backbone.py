@@ -438,11 +438,7 @@ class Backbone:
     @property
     def fingerprint(self) -> str:
         """Identifies the features this backbone produces: architecture + weights + preprocessing."""
-        blob = json.dumps(
-            {"config": self.config, "weights": self.weights_id, "pp": self.preprocess.to_dict()},
-            sort_keys=True,
-        ).encode()
-        return hashlib.sha256(blob).hexdigest()[:20]
+        return features_fingerprint(self.config, self.weights_id, self.preprocess)
 
     @property
     def context_length(self) -> int:
@@ -551,6 +547,26 @@ def text_tower_forward(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, tor
     return pooled, tokens
 
 
+def weights_identity(path: Path) -> str:
+    """A weights file's identity in cache keys: name, size and modification time."""
+    stat = path.stat()
+    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def features_fingerprint(
+    config: dict[str, Any], weights_id: str, preprocess: PreprocessConfig
+) -> str:
+    """The embedding cache's key for a backbone: architecture + weights + preprocessing.
+
+    Shared by :class:`Backbone` and the open_clip-free text path
+    (:mod:`imgrank.text_only`), which must find the features a backbone stored.
+    """
+    blob = json.dumps(
+        {"config": config, "weights": weights_id, "pp": preprocess.to_dict()}, sort_keys=True
+    ).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
 def load_backbone(
     spec: BackboneSpec,
     *,
@@ -613,8 +629,7 @@ def load_backbone(
             raise ModelError(f"weights file {candidate} does not exist")
         else:
             weights_path = _download_pretrained(spec.model, spec.pretrained)
-        stat = weights_path.stat()
-        weights_id = f"{weights_path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+        weights_id = weights_identity(weights_path)
         weights = _WeightsFile(weights_path)
 
     model = _build_structure(config)

@@ -19,14 +19,19 @@ every photo for the same encoder fingerprint, computed here exactly as
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgrank.backbone import BackboneSpec, PreprocessConfig, default_preprocess
+from imgrank.backbone import (
+    BackboneSpec,
+    PreprocessConfig,
+    default_preprocess,
+    features_fingerprint,
+    weights_identity,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -104,19 +109,14 @@ class LightTextEncoder:
         self.config = config
         self.weights = weights
         self.preprocess = preprocess
-        stat = weights.stat()
-        self.weights_id = f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}"
+        self.weights_id = weights_identity(weights)
         self._tower: Any = None
         self._logit_scale: float | None = None
 
     @property
     def fingerprint(self) -> str:
         """Equal to ``Backbone.fingerprint`` for the same config, weights and preprocessing."""
-        blob = json.dumps(
-            {"config": self.config, "weights": self.weights_id, "pp": self.preprocess.to_dict()},
-            sort_keys=True,
-        ).encode()
-        return hashlib.sha256(blob).hexdigest()[:20]
+        return features_fingerprint(self.config, self.weights_id, self.preprocess)
 
     def _build(self) -> None:
         from imgrank.backbone import _register_fast_exit, _WeightsFile
