@@ -328,6 +328,41 @@ def open_cache_for(cache: Path | None | bool, reporter: TrainingReporter) -> Emb
         return None
 
 
+def _encode_usable(
+    labels: LabelSet,
+    backbone: Backbone,
+    *,
+    tokens: bool,
+    batch_size: int,
+    workers: int | None,
+    cache: Path | None | bool,
+    reporter: TrainingReporter,
+    purpose: str,
+) -> tuple[EncodedImages, LabelSet]:
+    """Encode the labelled images once (through the cache) and drop rows whose image failed.
+
+    Raises:
+        DataError: a group is left with fewer than two usable rows for ``purpose``.
+    """
+    opened = open_cache_for(cache, reporter)
+    try:
+        encoded = encode_images(
+            labels.paths(),
+            backbone,
+            tokens=tokens,
+            batch_size=batch_size,
+            workers=workers,
+            cache=opened,
+            reporter=reporter,
+        )
+    finally:
+        if opened is not None:
+            opened.close()
+    usable = labels.without(encoded.failed)
+    usable.require_rows_per_group(2, purpose=purpose)
+    return encoded, usable
+
+
 def encode_prompts(prompts: list[str], backbone: Backbone) -> dict[str, torch.Tensor]:
     """Text tokens (1, L, D) of each distinct prompt, float32 on the backbone's device."""
     return {
@@ -515,22 +550,10 @@ def train_adapter(
     )
     check_backbone_fits(backbone.config, adapter_config, what=f"--model {backbone_spec.model}")
 
-    opened = open_cache_for(cache, reporter)
-    try:
-        encoded = encode_images(
-            labels.paths(),
-            backbone,
-            tokens=True,
-            batch_size=encode_batch_size,
-            workers=workers,
-            cache=opened,
-            reporter=reporter,
-        )
-    finally:
-        if opened is not None:
-            opened.close()
-    labels = labels.without(encoded.failed)
-    labels.require_rows_per_group(2, purpose="training")
+    encoded, labels = _encode_usable(
+        labels, backbone, tokens=True, batch_size=encode_batch_size, workers=workers,
+        cache=cache, reporter=reporter, purpose="training",
+    )  # fmt: skip
     texts = encode_prompts(labels.prompts(), backbone)
 
     rng = np.random.default_rng(settings.seed)
@@ -796,22 +819,10 @@ def evaluate_labels(
         def scorer_for(prompt: str) -> Any:
             return ZeroShotScorer.for_backbone(backbone, prompt)
 
-    opened = open_cache_for(cache, reporter)
-    try:
-        encoded = encode_images(
-            labels.paths(),
-            backbone,
-            tokens=adapter is not None,
-            batch_size=batch_size,
-            workers=workers,
-            cache=opened,
-            reporter=reporter,
-        )
-    finally:
-        if opened is not None:
-            opened.close()
-    labels = labels.without(encoded.failed)
-    labels.require_rows_per_group(2, purpose="evaluation")
+    encoded, labels = _encode_usable(
+        labels, backbone, tokens=adapter is not None, batch_size=batch_size, workers=workers,
+        cache=cache, reporter=reporter, purpose="evaluation",
+    )  # fmt: skip
 
     scores: dict[tuple[Path, str], float] = {}
     with torch.inference_mode():
