@@ -85,10 +85,10 @@ def main() -> int:
 
     import torch
 
-    from imgrank.backbone import BackboneSpec, load_backbone
-    from imgrank.onnx_export import export_backbone
-    from imgrank.onnx_runtime import MANIFEST_NAME, OnnxModel, zero_shot_scorer
-    from imgrank.scoring import ZeroShotScorer
+    from imgrank.models.backbone import BackboneSpec, load_backbone
+    from imgrank.models.onnx_export import export_backbone
+    from imgrank.models.onnx_runtime import MANIFEST_NAME, OnnxModel, zero_shot_scorer
+    from imgrank.models.scoring import ZeroShotScorer
 
     torch.set_num_threads(args.threads)
     spec = BackboneSpec(model=args.model, pretrained=args.pretrained)

@@ -226,13 +226,13 @@ def profile_child(folder: str, cache: str, prompt: str) -> None:
     import torch  # noqa: F401
 
     lap("import torch")
-    from imgrank.backbone import BackboneSpec, image_tower_built, load_backbone
-    from imgrank.cache import open_cache
-    from imgrank.images import find_images
-    from imgrank.pipeline import PipelineStats, score_images
+    from imgrank.features.cache import open_cache
+    from imgrank.features.pipeline import PipelineStats, score_images
+    from imgrank.images.decode import find_images
+    from imgrank.models.backbone import BackboneSpec, image_tower_built, load_backbone
+    from imgrank.models.scoring import ZeroShotScorer
+    from imgrank.models.text_only import warm_zero_shot
     from imgrank.ranking import rank_scores
-    from imgrank.scoring import ZeroShotScorer
-    from imgrank.text_only import warm_zero_shot
 
     paths = find_images(Path(folder))
     lap("import imgrank, scan folder")
@@ -241,7 +241,7 @@ def profile_child(folder: str, cache: str, prompt: str) -> None:
     backbone = None
     with open_cache(cache) as store:
         # What `imgrank sort` does: a fully cached folder needs neither open_clip nor the
-        # image tower (imgrank.text_only); otherwise the full backbone is built.
+        # image tower (imgrank.models.text_only); otherwise the full backbone is built.
         warm = warm_zero_shot(spec, prompt, None, paths, store, device="cpu")
         if warm is not None:
             encoder, scorer = warm

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from imgrank.adapter import AdapterConfig, RankingAdapter
-from imgrank.backbone import Backbone, BackboneSpec, load_backbone
 from imgrank.errors import DataError, ModelError
-from imgrank.losses import (
+from imgrank.models.adapter import AdapterConfig, RankingAdapter
+from imgrank.models.backbone import Backbone, BackboneSpec, load_backbone
+from imgrank.training.losses import (
     adapter_loss,
     pair_labels,
     pairwise_bce_loss,

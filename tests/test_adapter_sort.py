@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from imgrank.adapter import AdapterConfig, RankingAdapter
-from imgrank.adapter_scoring import AdapterScorer, backbone_for
-from imgrank.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneSpec
-from imgrank.checkpoints import load_model_folder, save_model_folder
 from imgrank.cli import app
 from imgrank.errors import AdapterMismatchError, ModelError
-from imgrank.scoring import FeatureBatch
+from imgrank.models.adapter import AdapterConfig, RankingAdapter
+from imgrank.models.adapter_scoring import AdapterScorer, backbone_for
+from imgrank.models.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneSpec
+from imgrank.models.checkpoints import load_model_folder, save_model_folder
+from imgrank.models.scoring import FeatureBatch
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 TINY_MODEL = Path(__file__).parent / "data" / "tiny-clip.json"
@@ -268,10 +268,10 @@ def test_a_cached_adapter_resort_builds_no_image_tower(
 ) -> None:
     """A second sort with an adapter is served from the cache's visual tokens."""
     reference("vit_tiny")
-    from imgrank.adapter_scoring import load_adapter_scoring
-    from imgrank.backbone import image_tower_built
-    from imgrank.cache import EmbeddingCache
-    from imgrank.pipeline import score_images
+    from imgrank.features.cache import EmbeddingCache
+    from imgrank.features.pipeline import score_images
+    from imgrank.models.adapter_scoring import load_adapter_scoring
+    from imgrank.models.backbone import image_tower_built
 
     paths = sorted(photos.iterdir())
     db = tmp_path / "cache.sqlite3"

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from imgrank.cache import SCHEMA_VERSION, EmbeddingCache, FileKey, open_existing
 from imgrank.errors import CacheError
-from imgrank.pipeline import PipelineStats, score_images
-from imgrank.scoring import FeatureBatch
+from imgrank.features.cache import SCHEMA_VERSION, EmbeddingCache, FileKey, open_existing
+from imgrank.features.pipeline import PipelineStats, score_images
+from imgrank.models.scoring import FeatureBatch
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -34,14 +34,14 @@ runner = CliRunner()
 
 
 def _backbone(tiny_model: Path, *, lazy: bool = True):
-    from imgrank.backbone import BackboneSpec, load_backbone
+    from imgrank.models.backbone import BackboneSpec, load_backbone
 
     spec = BackboneSpec(model=str(tiny_model), pretrained="none")
     return load_backbone(spec, device="cpu", lazy_image_tower=lazy)
 
 
 def _zero_shot(backbone, prompt: str):
-    from imgrank.scoring import ZeroShotScorer
+    from imgrank.models.scoring import ZeroShotScorer
 
     return ZeroShotScorer.for_backbone(backbone, prompt)
 
@@ -64,7 +64,7 @@ def _forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("a cache hit must not decode the photo")
 
-    monkeypatch.setattr("imgrank.pipeline.open_image", refuse)
+    monkeypatch.setattr("imgrank.features.pipeline.open_image", refuse)
 
 
 def _scores(result: list[tuple[Path, float]]) -> dict[str, float]:
@@ -86,7 +86,7 @@ def _write_entries(cache: EmbeddingCache, count: int, tag: str = "a") -> int:
 def test_resort_by_a_new_prompt_decodes_nothing_and_builds_no_image_tower(
     photo_dir: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from imgrank.backbone import image_tower_built
+    from imgrank.models.backbone import image_tower_built
 
     paths = sorted(photo_dir.glob("*.jpg"))
     db = tmp_path / "cache.sqlite3"
@@ -309,7 +309,7 @@ _WRITER = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from imgrank.cache import EmbeddingCache, FileKey
+    from imgrank.features.cache import EmbeddingCache, FileKey
 
     path, tag, count, every = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     with EmbeddingCache.open(path, commit_every=every) as cache:

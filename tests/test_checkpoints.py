@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from imgrank.adapter import AdapterConfig, RankingAdapter
-from imgrank.backbone import BackboneSpec, PreprocessConfig
-from imgrank.checkpoints import (
+from imgrank.cli import app
+from imgrank.errors import AdapterMismatchError, ModelError, UnsafeOperationError
+from imgrank.models.adapter import AdapterConfig, RankingAdapter
+from imgrank.models.backbone import BackboneSpec, PreprocessConfig
+from imgrank.models.checkpoints import (
     ADAPTER_FILE,
     BACKBONE_FILE,
     CONFIG_FILE,
@@ -25,8 +27,6 @@ from imgrank.checkpoints import (
     save_model_folder,
     shipped_config,
 )
-from imgrank.cli import app
-from imgrank.errors import AdapterMismatchError, ModelError, UnsafeOperationError
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 TINY_MODEL = Path(__file__).parent / "data" / "tiny-clip.json"
@@ -148,7 +148,7 @@ def test_import_never_writes_into_an_existing_folder(tmp_path: Path) -> None:
 def test_a_failed_write_leaves_no_partial_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import imgrank.checkpoints as checkpoints
+    import imgrank.models.checkpoints as checkpoints
 
     def full_disk(tensors: Any, path: Path) -> None:
         raise OSError(28, "No space left on device")
@@ -241,7 +241,7 @@ def test_a_backbone_of_another_width_is_refused_at_save(tmp_path: Path) -> None:
 
 
 def test_a_local_weights_file_is_copied_into_the_folder(tmp_path: Path) -> None:
-    from imgrank.backbone import _build_clip
+    from imgrank.models.backbone import _build_clip
 
     config = json.loads(TINY_MODEL.read_text())
     torch.manual_seed(0)

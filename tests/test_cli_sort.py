@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PHOTOS, tiny_args
 from typer.testing import CliRunner
 
-from conftest import PHOTOS, tiny_args
 from imgrank.cli import app
 
 runner = CliRunner()
@@ -149,9 +149,9 @@ def test_bad_option_values_are_usage_errors(photo_dir: Path) -> None:
 
 
 def test_offline_without_weights_is_one_clear_message(photo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import imgrank.backbone
+    import imgrank.models.backbone
 
-    monkeypatch.setattr(imgrank.backbone, "_reachable", lambda cfg, timeout=5.0: False)
+    monkeypatch.setattr(imgrank.models.backbone, "_reachable", lambda cfg, timeout=5.0: False)
     result = runner.invoke(app, ["sort", str(photo_dir), "--by", "image quality", "--device", "cpu"])
     assert result.exit_code == 4
     assert "not in" in result.stderr and "--pretrained FILE" in result.stderr
@@ -162,7 +162,7 @@ def test_local_weights_files_load_and_reproduce(photo_dir: Path, tmp_path: Path,
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    from imgrank.backbone import BackboneSpec, load_backbone
+    from imgrank.models.backbone import BackboneSpec, load_backbone
 
     torch.manual_seed(0)
     model = load_backbone(BackboneSpec(model=str(tiny_model), pretrained="none"), device="cpu").model

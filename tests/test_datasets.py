@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from imgrank.datasets import (
+from imgrank.errors import DataError
+from imgrank.training.datasets import (
     load_labels,
     rating_from_xmp,
     read_label_table,
@@ -15,7 +16,6 @@ from imgrank.datasets import (
     read_rating,
     write_label_table,
 )
-from imgrank.errors import DataError
 
 SHARED_TABLE = (
     Path(__file__).resolve().parents[2]

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from imgrank import renaming
 from imgrank.cli import app
 from imgrank.errors import UnfinishedRunError
-from imgrank.journal import (
+from imgrank.files import renaming as renaming
+from imgrank.files.journal import (
     JournalError,
     JournalWriter,
     check_no_unfinished_run,
@@ -29,8 +29,9 @@ from imgrank.journal import (
     read_run,
     unfinished_runs,
 )
+from imgrank.files.rename_plan import plan_renames
+from imgrank.files.renaming import RenameFailedError, RenameInterruptedError, apply_plan
 from imgrank.ranking import RankedImage
-from imgrank.renaming import RenameFailedError, RenameInterruptedError, apply_plan, plan_renames
 
 runner = CliRunner()
 REAL_RENAME = renaming.rename_noreplace
@@ -236,7 +237,7 @@ def test_a_photo_edited_after_planning_stops_the_run(tmp_path: Path) -> None:
 _CHILD = r"""
 import os, signal, sys, time
 from pathlib import Path
-from imgrank import renaming
+from imgrank.files import renaming as renaming
 from imgrank.ranking import RankedImage
 
 folder, kill_at, when, order, template = (
@@ -264,7 +265,8 @@ def rename(source, target):
 renaming.rename_noreplace = rename
 names = order.split(",")
 items = [RankedImage(i, 1.0 / i, folder / n) for i, n in enumerate(names, 1)]
-plan = renaming.plan_renames(items, template=template)
+from imgrank.files.rename_plan import plan_renames
+plan = plan_renames(items, template=template)
 renaming.apply_plan(plan, folder=folder, prompt="killed")
 """
 
@@ -457,8 +459,8 @@ def test_a_copy_cut_short_leaves_no_half_written_photo(
 ) -> None:
     import shutil
 
-    from imgrank import outputs
     from imgrank.errors import UnsafeOperationError
+    from imgrank.files import writers as outputs
 
     folder = tmp_path / "photos"
     before = make_folder(folder, ["a.jpg", "b.jpg"])

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgrank.backbone import PreprocessConfig
 from imgrank.errors import ImageDecodeError
-from imgrank.images import find_images, load_pixels, open_image, resize_for_model
+from imgrank.images.decode import find_images, load_pixels, open_image, resize_for_model
+from imgrank.models.backbone import PreprocessConfig
 
 CROP = PreprocessConfig(image_size=32, resize_mode="crop")
 SQUASH = PreprocessConfig(image_size=32, resize_mode="squash", interpolation="bilinear")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imgrank.metrics import evaluate, group_metrics, pairwise_accuracy, round_half_up
+from imgrank.training.metrics import evaluate, group_metrics, pairwise_accuracy, round_half_up
 
 
 def test_perfect_order_scores_one_everywhere() -> None:

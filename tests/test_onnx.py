@@ -16,16 +16,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from imgrank.backbone import BackboneSpec, load_backbone
 from imgrank.cli import app
 from imgrank.errors import ModelError, UnsafeOperationError, UsageError
-from imgrank.onnx_export import (
+from imgrank.features.pipeline import score_images
+from imgrank.models.backbone import BackboneSpec, load_backbone
+from imgrank.models.onnx_export import (
     TOKENIZER_PROBES,
     build_clip_tokenizer,
     export_backbone,
     relative_drift,
 )
-from imgrank.onnx_runtime import (
+from imgrank.models.onnx_runtime import (
     IMAGE_FILE,
     MANIFEST_NAME,
     ClipTokenizer,
@@ -35,9 +36,8 @@ from imgrank.onnx_runtime import (
     resolve_providers,
     zero_shot_scorer,
 )
-from imgrank.pipeline import score_images
+from imgrank.models.scoring import ZeroShotScorer
 from imgrank.ranking import rank_scores
-from imgrank.scoring import ZeroShotScorer
 
 runner = CliRunner()
 REFERENCE = SHARED / "reference" / "vit_tiny"
@@ -369,7 +369,7 @@ def reference_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The authors' vit_tiny checkpoint imported as an imgrank model folder."""
     if not REFERENCE.is_dir():
         pytest.skip(f"reference vectors not found at {REFERENCE}")
-    from imgrank.checkpoints import import_authors_checkpoint
+    from imgrank.models.checkpoints import import_authors_checkpoint
 
     out = tmp_path_factory.mktemp("adapter") / "vit_tiny"
     import_authors_checkpoint(REFERENCE / "checkpoint.pt", REFERENCE / "config.json", out)

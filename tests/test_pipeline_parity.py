@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from imgrank.images import open_image, resize_for_model, to_normalized_array
-from imgrank.pipeline import score_images
-from imgrank.scoring import FeatureBatch, ZeroShotScorer
+from imgrank.features.pipeline import score_images
+from imgrank.images.decode import open_image, resize_for_model, to_normalized_array
+from imgrank.models.scoring import FeatureBatch, ZeroShotScorer
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 
@@ -109,7 +109,7 @@ def large_photo_set(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory: pytest.TempPathFactory):
-    from imgrank.backbone import BackboneSpec, load_backbone
+    from imgrank.models.backbone import BackboneSpec, load_backbone
 
     config = tmp_path_factory.mktemp("parity-model") / "vit-112.json"
     config.write_text(json.dumps(MODEL_CONFIG))
@@ -167,7 +167,7 @@ def _fast_features(
         decoded[path.name] = image.size
         return image
 
-    monkeypatch.setattr("imgrank.pipeline.open_image", spying_open)
+    monkeypatch.setattr("imgrank.features.pipeline.open_image", spying_open)
     fast = Recorder(tokens=True)
     result = score_images(paths, backbone, fast, batch_size=8, workers=2)
     assert [path for path, _score in result] == paths

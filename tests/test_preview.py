@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from imgrank.cli import app
 from imgrank.errors import UsageError
-from imgrank.preview import (
+from imgrank.ranking import Ranking, SkippedFile, rank_scores
+from imgrank.report.preview import (
     detect_protocol,
     iterm_image,
     kitty_image,
@@ -26,7 +27,6 @@ from imgrank.preview import (
     render_preview,
     write_preview,
 )
-from imgrank.ranking import Ranking, SkippedFile, rank_scores
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 KITTY_ENV = {"TERM": "xterm-kitty", "KITTY_WINDOW_ID": "1"}

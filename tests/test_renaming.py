@@ -16,18 +16,15 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from imgrank import renaming
 from imgrank.errors import UnfinishedRunError, UnsafeOperationError, UsageError
-from imgrank.journal import check_no_unfinished_run, list_runs, read_run
+from imgrank.files import noreplace, rename_plan
+from imgrank.files import renaming as renaming
+from imgrank.files.journal import check_no_unfinished_run, list_runs, read_run
+from imgrank.files.name_template import NameTemplate
+from imgrank.files.noreplace import rename_noreplace
+from imgrank.files.rename_plan import order_moves, plan_renames
+from imgrank.files.renaming import apply_plan, undo
 from imgrank.ranking import RankedImage
-from imgrank.renaming import (
-    NameTemplate,
-    apply_plan,
-    order_moves,
-    plan_renames,
-    rename_noreplace,
-    undo,
-)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -110,7 +107,7 @@ def test_dry_run_plan_changes_nothing_and_pads_ranks_to_the_folder_width(tmp_pat
     assert new_names[0] == "01_img11.jpg"
     assert new_names[-1] == "12_img0.jpg"
     assert all(r.source.is_absolute() and r.target.is_absolute() for r in plan.renames)
-    assert list(renaming.describe_plan(plan, tmp_path))[0] == ("img11.jpg", "01_img11.jpg")
+    assert list(rename_plan.describe_plan(plan, tmp_path))[0] == ("img11.jpg", "01_img11.jpg")
 
 
 def test_apply_then_undo_restores_names_and_bytes(tmp_path: Path) -> None:
@@ -249,9 +246,9 @@ def test_non_utf8_names_survive_the_journal(tmp_path: Path) -> None:
 @pytest.fixture(params=["renameat2", "link+unlink"])
 def rename_mechanism(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "link+unlink":
-        monkeypatch.setattr(renaming, "_renameat2_cache", [None])
-        monkeypatch.setattr(renaming, "_renamex_np", lambda: None)
-    elif renaming._renameat2() is None:
+        monkeypatch.setattr(noreplace, "_renameat2_cache", [None])
+        monkeypatch.setattr(noreplace, "_renamex_np", lambda: None)
+    elif noreplace._renameat2() is None:
         pytest.skip("renameat2 is not available on this system")
     return str(request.param)
 
@@ -330,7 +327,7 @@ def test_undo_refuses_when_a_file_changed_since(tmp_path: Path, change: str) -> 
 
 
 def test_the_guard_blocks_writes_while_a_run_is_unfinished(tmp_path: Path) -> None:
-    from imgrank.journal import JournalWriter
+    from imgrank.files.journal import JournalWriter
 
     make_files(tmp_path, ["a.jpg"])
     plan = plan_renames(ranked(tmp_path, ["a.jpg"]))
@@ -370,7 +367,7 @@ def photo_folders(draw: st.DrawFn) -> tuple[list[str], list[int]]:
                 f"{draw(st.integers(min_value=0, max_value=15)):0{draw(st.integers(1, 3))}d}_{stem}"
             )
         name = stem + draw(_EXTS)
-        key = renaming._name_key(name)
+        key = rename_plan.name_key(name)
         # Two names equal but for case cannot both exist on every disk: one folder has one.
         if key in keys or name.startswith("."):
             continue
@@ -400,8 +397,8 @@ def test_property_apply_then_undo_restores_exactly(
         items = ranked(folder, [names[i] for i in order])
         plan = plan_renames(items, journal_dir=journals)
         # No plan maps two files to one name (compared case-folded), nor onto a file outside it.
-        keys = [renaming._name_key(r.target.name) for r in plan.renames]
-        keys += [renaming._name_key(p.name) for p in plan.unchanged]
+        keys = [rename_plan.name_key(r.target.name) for r in plan.renames]
+        keys += [rename_plan.name_key(p.name) for p in plan.unchanged]
         assert len(keys) == len(set(keys)) == len(names)
 
         result = apply_plan(plan, folder=folder, journal_dir=journals)
@@ -427,7 +424,7 @@ def test_property_apply_then_undo_restores_exactly(
         assert snapshot(folder) == before
 
 
-def _current_names(plan: renaming.RenamePlan, items: list[RankedImage]) -> list[str]:
+def _current_names(plan: rename_plan.RenamePlan, items: list[RankedImage]) -> list[str]:
     moved = {r.source.name: r.target.name for r in plan.renames}
     return [moved.get(i.path.name, i.path.name) for i in items]
 
@@ -453,12 +450,12 @@ def test_property_no_plan_maps_two_files_to_one_name(
         except UnsafeOperationError:
             assert snapshot(folder) == before  # refused: nothing changed
             return
-        final = [renaming._name_key(r.target.name) for r in plan.renames]
-        final += [renaming._name_key(p.name) for p in plan.unchanged]
+        final = [rename_plan.name_key(r.target.name) for r in plan.renames]
+        final += [rename_plan.name_key(p.name) for p in plan.unchanged]
         assert len(final) == len(set(final))
-        ranked_names = {renaming._name_key(i.path.name) for i in items}
+        ranked_names = {rename_plan.name_key(i.path.name) for i in items}
         outside = {
-            renaming._name_key(n) for n in before if renaming._name_key(n) not in ranked_names
+            rename_plan.name_key(n) for n in before if rename_plan.name_key(n) not in ranked_names
         }
         assert not outside & set(final)
         assert snapshot(folder) == before
@@ -533,7 +530,7 @@ def test_rename_options_are_checked_before_any_work(photo_dir: Path) -> None:
 
 
 def test_writing_commands_refuse_while_a_run_is_unfinished(photo_dir: Path, tmp_path: Path) -> None:
-    from imgrank.journal import JournalWriter
+    from imgrank.files.journal import JournalWriter
 
     plan = plan_renames(ranked(photo_dir, sorted(os.listdir(photo_dir))))
     JournalWriter.create(

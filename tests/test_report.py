@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from imgrank.cli import app
 from imgrank.errors import UnsafeOperationError, UsageError
 from imgrank.ranking import Ranking, SkippedFile, rank_scores
-from imgrank.report import (
+from imgrank.report.html import (
     THUMBNAIL_SIZE,
     display_text,
     format_score,

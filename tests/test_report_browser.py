@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from imgrank.ranking import Ranking, SkippedFile, rank_scores
-from imgrank.report import write_report
+from imgrank.report.html import write_report
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 

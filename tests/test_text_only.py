@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 from safetensors.torch import save_file
 
-from conftest import TINY_MODEL
-from imgrank.backbone import BackboneSpec, load_backbone
-from imgrank.text_only import BackboneOnDemand, light_text_encoder
+from imgrank.models.backbone import BackboneSpec, load_backbone
+from imgrank.models.text_only import BackboneOnDemand, light_text_encoder
 
 TEXTS = ["a photo of high image quality.", "a photo of low image quality.", "Rank the numbers of horse."]
 

@@ -21,11 +21,11 @@ from safetensors.numpy import load_file
 from scipy.stats import spearmanr
 from typer.testing import CliRunner
 
-from imgrank.backbone import BackboneSpec
 from imgrank.cli import app
-from imgrank.datasets import LabelRow, LabelSet, load_labels
 from imgrank.errors import DataError, UnsafeOperationError
-from imgrank.training import (
+from imgrank.models.backbone import BackboneSpec
+from imgrank.training.datasets import LabelRow, LabelSet, load_labels
+from imgrank.training.fit import (
     EpochRecord,
     TrainingReporter,
     TrainSettings,
@@ -278,7 +278,7 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(
 def test_variants_and_losses_train_and_load(
     counting: Path, tmp_path: Path, variant: str, loss: str
 ) -> None:
-    from imgrank.checkpoints import load_adapter
+    from imgrank.models.checkpoints import load_adapter
 
     result = train_adapter(
         _tiny_labels(counting, 12),
@@ -407,8 +407,8 @@ def test_bad_settings_are_refused_before_any_work(counting: Path, tmp_path: Path
 
 
 def test_second_encoding_comes_from_the_cache(counting: Path) -> None:
-    from imgrank.backbone import load_backbone
-    from imgrank.cache import open_cache
+    from imgrank.features.cache import open_cache
+    from imgrank.models.backbone import load_backbone
 
     backbone = load_backbone(TINY_SPEC, device="cpu")
     paths = _tiny_labels(counting, 8).paths()

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
-from imgrank.cache import EmbeddingCache
 from imgrank.errors import NoImagesRankedError, UsageError
-from imgrank.images import DEFAULT_MAX_PIXELS, find_images
-from imgrank.pipeline import DEFAULT_BATCH_SIZE, ImageEncoder, PipelineStats, score_images
+from imgrank.features.cache import EmbeddingCache
+from imgrank.features.pipeline import DEFAULT_BATCH_SIZE, ImageEncoder, PipelineStats, score_images
+from imgrank.images.decode import DEFAULT_MAX_PIXELS, find_images
+from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
+from imgrank.models.scoring import Scorer
 from imgrank.ranking import Ranking, SkippedFile, rank_scores
-from imgrank.scoring import Scorer
 
 
 @dataclass
@@ -49,7 +49,7 @@ class SortRequest:
     #: the adapter's own backbone is used and ``model``/``pretrained`` are ignored).
     model_given: bool = False
     pretrained_given: bool = False
-    #: ``torch``, ``onnx``, or None: onnx when ``onnx`` is set (imgrank.onnx_runtime.wants_onnx).
+    #: ``torch``, ``onnx``, or None: onnx when ``onnx`` is set (imgrank.models.onnx_runtime.wants_onnx).
     runtime: str | None = None
     #: A folder written by ``imgrank export``, for the onnx runtime.
     onnx: Path | None = None
@@ -77,7 +77,7 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         NoImagesRankedError: no image could be ranked.
         ModelError: the backbone cannot be loaded.
     """
-    from imgrank.onnx_runtime import wants_onnx
+    from imgrank.models.onnx_runtime import wants_onnx
 
     callbacks = callbacks or SortCallbacks()
     if not request.prompt.strip():
@@ -157,9 +157,9 @@ def _encoder_and_scorer(
     callbacks: SortCallbacks,
 ) -> tuple[ImageEncoder, Scorer]:
     """The image encoder and scorer a request asks for, built as cheaply as possible."""
-    from imgrank.backbone import load_backbone
-    from imgrank.onnx_runtime import onnx_sort_setup
-    from imgrank.scoring import ZeroShotScorer
+    from imgrank.models.backbone import load_backbone
+    from imgrank.models.onnx_runtime import onnx_sort_setup
+    from imgrank.models.scoring import ZeroShotScorer
 
     encoder: ImageEncoder
     scorer: Scorer
@@ -167,7 +167,7 @@ def _encoder_and_scorer(
         # onnxruntime end to end: nothing on this path imports torch.
         encoder, scorer = onnx_sort_setup(request, warn=callbacks.warn)
     elif request.adapter is not None:
-        from imgrank.adapter_scoring import load_adapter_scoring
+        from imgrank.models.adapter_scoring import load_adapter_scoring
 
         if request.against is not None:
             raise UsageError("--against is for zero-shot scoring; an adapter reads --by as it is")
@@ -184,8 +184,8 @@ def _encoder_and_scorer(
         spec = BackboneSpec(model=request.model, pretrained=request.pretrained)
         if cache is not None:
             # Every photo cached: encode the prompt without importing open_clip (1.4 s of a
-            # 2.5 s re-sort); see imgrank.text_only.
-            from imgrank.text_only import warm_zero_shot
+            # 2.5 s re-sort); see imgrank.models.text_only.
+            from imgrank.models.text_only import warm_zero_shot
 
             warm = warm_zero_shot(
                 spec,
@@ -211,7 +211,7 @@ def _encoder_and_scorer(
 
 
 def _nothing_found_message(request: SortRequest, skipped: list[SkippedFile]) -> str:
-    from imgrank.images import supported_extensions
+    from imgrank.images.decode import supported_extensions
 
     extensions = ", ".join(sorted(e.lstrip(".") for e in supported_extensions()))
     message = f"no image files found in {request.folder} (looked for {extensions}"
@@ -233,8 +233,8 @@ def _open_cache(request: SortRequest, warn: Callable[[str], None]) -> EmbeddingC
     """
     if not request.use_cache:
         return None
-    from imgrank.cache import open_cache
     from imgrank.errors import CacheError
+    from imgrank.features.cache import open_cache
 
     try:
         return open_cache(request.cache, on_warning=warn)

@@ -50,7 +50,7 @@ def import_checkpoint(
 
         imgrank adapter import count.pt --out ~/models/count
     """
-    from imgrank.checkpoints import import_authors_checkpoint
+    from imgrank.models.checkpoints import import_authors_checkpoint
 
     check_before_writing()  # refuse while an interrupted rename run is unsettled
 
@@ -70,14 +70,14 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the folder's config.json as JSON."),
 ) -> None:
     """Show what a model folder holds: adapter, backbone, preprocessing, prompts, provenance."""
-    from imgrank.checkpoints import CONFIG_FILE, load_adapter, load_model_folder
+    from imgrank.models.checkpoints import CONFIG_FILE, load_adapter, load_model_folder
 
     model = load_model_folder(folder)
     if as_json:
         typer.echo((model.path / CONFIG_FILE).read_text(encoding="utf-8").rstrip("\n"))
         return
     adapter = load_adapter(model)  # also checks that the weights fit the config
-    from imgrank.adapter import count_parameters
+    from imgrank.models.adapter import count_parameters
 
     cfg = model.adapter_config
     spec = model.backbone_spec

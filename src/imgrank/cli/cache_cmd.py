@@ -1,6 +1,6 @@
 """``imgrank cache info|prune|clear``: look after the embedding cache.
 
-The cache (see :mod:`imgrank.cache`) only holds re-creatable features of
+The cache (see :mod:`imgrank.features.cache`) only holds re-creatable features of
 photos; nothing here touches a photo. Data (the info table or JSON) goes to
 stdout; summaries of what was removed go to stderr.
 """
@@ -19,7 +19,7 @@ from rich.markup import escape
 from imgrank.cli.common import err_console, handle_errors
 
 if TYPE_CHECKING:
-    from imgrank.cache import EmbeddingCache
+    from imgrank.features.cache import EmbeddingCache
 
 app = typer.Typer(
     name="cache",
@@ -41,7 +41,7 @@ def _path(cache: Path | None) -> Path:
 
 
 def _open(path: Path) -> EmbeddingCache | None:
-    from imgrank.cache import open_existing
+    from imgrank.features.cache import open_existing
 
     return open_existing(path)
 

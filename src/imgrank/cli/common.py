@@ -98,7 +98,7 @@ def check_before_writing() -> None:
     Raises:
         UnfinishedRunError: an interrupted rename run must be recovered first.
     """
-    from imgrank.journal import check_no_unfinished_run
+    from imgrank.files.journal import check_no_unfinished_run
 
     check_no_unfinished_run()
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from imgrank.cli.common import check_before_writing, err_console, handle_errors, option_given, warn
+from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 
 @handle_errors
@@ -49,7 +49,7 @@ def export(
 
         imgrank export --out ./quality-onnx --adapter ./my-quality-adapter
     """
-    from imgrank.onnx_export import export_model
+    from imgrank.models.onnx_export import export_model
 
     check_before_writing()  # refuse while an interrupted rename run is unsettled
 

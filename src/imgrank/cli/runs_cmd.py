@@ -1,6 +1,6 @@
 """``imgrank runs``, ``imgrank undo``, ``imgrank recover``, and the rename step of ``sort``.
 
-The logic lives in :mod:`imgrank.renaming` and :mod:`imgrank.journal`; this
+The logic lives in :mod:`imgrank.files.renaming` and :mod:`imgrank.files.journal`; this
 module only turns options into calls and results into lines. Data (the run
 list, the rename plan) goes to stdout; summaries go to stderr.
 """
@@ -20,13 +20,13 @@ from imgrank.cli.common import check_before_writing, err_console, handle_errors
 from imgrank.errors import UsageError
 
 if TYPE_CHECKING:
-    from imgrank.journal import RunRecord
+    from imgrank.files.journal import RunRecord
     from imgrank.ranking import RankedImage
 
 
 def _state(run: RunRecord, undone_by: dict[str, str]) -> str:
     """One word (or two) saying where a run stands, for ``imgrank runs``."""
-    from imgrank.journal import is_in_progress
+    from imgrank.files.journal import is_in_progress
 
     if not run.finished:
         return "in progress" if is_in_progress(run) else "UNFINISHED"
@@ -55,7 +55,7 @@ def runs(
     reverts it), `undone`, `rolled back` (an error stopped it and every name
     was put back), or UNFINISHED (interrupted: run `imgrank recover`).
     """
-    from imgrank.journal import list_runs
+    from imgrank.files.journal import list_runs
 
     all_runs = list_runs()
     undone_by = {
@@ -115,7 +115,7 @@ def undo(
     Refuses, changing nothing, when a file the run renamed was moved, deleted
     or replaced since, or when an old name is now taken by another file.
     """
-    from imgrank.renaming import undo as undo_run
+    from imgrank.files.renaming import undo as undo_run
 
     if last == (run_id is not None):
         raise UsageError("give either a RUN_ID or --last (see `imgrank runs`)")
@@ -138,7 +138,7 @@ def recover(
     run is finished instead. Files are found by inode wherever the run left
     them, and no file is ever overwritten. Safe to run again.
     """
-    from imgrank.renaming import recover as recover_runs
+    from imgrank.files.renaming import recover as recover_runs
 
     reports = recover_runs(forward=forward)
     if not reports:
@@ -187,8 +187,10 @@ def rename_after_sort(
         UsageError: bad ``--name-template``.
         UnsafeOperationError: the plan is unsafe, or a rename failed (and was reversed).
     """
+    from imgrank.files.name_template import DEFAULT_TEMPLATE
+    from imgrank.files.rename_plan import describe_plan, plan_renames
+    from imgrank.files.renaming import apply_plan
     from imgrank.ranking import RankedImage
-    from imgrank.renaming import DEFAULT_TEMPLATE, apply_plan, describe_plan, plan_renames
 
     plan = plan_renames(items, template=template or DEFAULT_TEMPLATE)
     stream = sys.stdout.buffer
@@ -230,7 +232,7 @@ def validate_rename_options(rename: bool, apply: bool, template: str | None) -> 
         UsageError: inconsistent options or a bad template.
         UnfinishedRunError: an interrupted run must be recovered before ``--apply``.
     """
-    from imgrank.renaming import NameTemplate
+    from imgrank.files.name_template import NameTemplate
 
     if apply and not rename:
         raise UsageError(

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.markup import escape
 
-# These modules import torch only inside functions, so importing them here is cheap.
-from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from imgrank.cli.common import check_before_writing, err_console, handle_errors, option_given, warn
 from imgrank.errors import UsageError
-from imgrank.images import DEFAULT_MAX_PIXELS
-from imgrank.outputs import FORMATS
-from imgrank.pipeline import DEFAULT_BATCH_SIZE
+from imgrank.features.pipeline import DEFAULT_BATCH_SIZE
+from imgrank.files.writers import FORMATS
+from imgrank.images.decode import DEFAULT_MAX_PIXELS
+
+# These modules import torch only inside functions, so importing them here is cheap.
+from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from imgrank.ranking import SkippedFile
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def sort(
 
         imgrank sort ./photos --by "sharpness" --format paths --top 20 | xargs -d '\\n' ls -l
     """
-    from imgrank.outputs import (
+    from imgrank.files.writers import (
         check_new_file,
         materialize,
         new_file,
@@ -197,7 +198,7 @@ def sort(
         if target is not None:
             check_new_file(target, overwrite=force)
     if report is not None:
-        from imgrank.report import check_report_destination
+        from imgrank.report.html import check_report_destination
 
         check_report_destination(report, overwrite=force)
     interactive = err_console.is_terminal and not quiet
@@ -249,7 +250,7 @@ def sort(
             materialize(ranking.items, copy, mode="copy")
 
     if report is not None:
-        from imgrank.report import write_report
+        from imgrank.report.html import write_report
 
         bar = _progress(enabled=interactive)
         with bar or ExitStack():
@@ -267,7 +268,7 @@ def sort(
         if interactive:
             err_console.print(f"report written to {escape(str(report))}")
     if preview is not None:  # asked for explicitly, so shown even with --quiet
-        from imgrank.preview import write_preview
+        from imgrank.report.preview import write_preview
 
         write_preview(ranking, preview, sys.stderr, max_pixels=max_pixels)
     if interactive:

@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-# These modules import torch only inside functions, so importing them here is cheap.
-from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
 from imgrank.cli.common import (
     EXIT_INTERRUPTED,
     check_before_writing,
@@ -21,13 +19,16 @@ from imgrank.cli.common import (
     option_given,
     warn,
 )
-from imgrank.training import EpochRecord, TrainingReporter, TrainSettings
+
+# These modules import torch only inside functions, so importing them here is cheap.
+from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
+from imgrank.training.fit import EpochRecord, TrainingReporter, TrainSettings
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from imgrank.datasets import LabelSet
-    from imgrank.metrics import EvalReport, Metrics
+    from imgrank.training.datasets import LabelSet
+    from imgrank.training.metrics import EvalReport, Metrics
 
 #: Skipped rows listed on stderr before "... and N more".
 SHOWN_SKIPS = 20
@@ -232,8 +233,8 @@ def train(
 
         imgrank train ~/Pictures/rated --prompt "photos I like" --out my-taste
     """
-    from imgrank.datasets import load_labels
-    from imgrank.training import train_adapter
+    from imgrank.training.datasets import load_labels
+    from imgrank.training.fit import train_adapter
 
     check_before_writing()  # refuse while an interrupted rename run is unsettled
 
@@ -381,8 +382,8 @@ def evaluate(
 
         imgrank eval test.tsv --adapter my-model --json > metrics.json
     """
-    from imgrank.datasets import load_labels
-    from imgrank.training import evaluate_labels
+    from imgrank.training.datasets import load_labels
+    from imgrank.training.fit import evaluate_labels
 
     labels = load_labels(data, prompt=prompt)
     _report_skips(labels, quiet=quiet)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-    from imgrank.backbone import PreprocessConfig
+    from imgrank.models.backbone import PreprocessConfig
 
 #: Extensions read by Pillow out of the box (compared lower-cased).
 BASE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})

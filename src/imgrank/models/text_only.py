@@ -14,7 +14,7 @@ mask, argmax pooling, projection matrix). Anything else returns None from
 
 The features it produces are only used when the embedding cache already holds
 every photo for the same encoder fingerprint, computed here exactly as
-:attr:`imgrank.backbone.Backbone.fingerprint` computes it.
+:attr:`imgrank.models.backbone.Backbone.fingerprint` computes it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgrank.backbone import (
+from imgrank.models.backbone import (
     BackboneSpec,
     PreprocessConfig,
     default_preprocess,
@@ -119,7 +119,7 @@ class LightTextEncoder:
         return features_fingerprint(self.config, self.weights_id, self.preprocess)
 
     def _build(self) -> None:
-        from imgrank.backbone import _register_fast_exit, _WeightsFile
+        from imgrank.models.backbone import _register_fast_exit, _WeightsFile
 
         _register_fast_exit()
         state = _WeightsFile(self.weights).load(exclude="visual.")
@@ -156,8 +156,8 @@ def light_text_encoder(spec: BackboneSpec, device: str) -> LightTextEncoder | No
             return None  # the GPU path runs the text tower in half precision: keep one path
     path = Path(spec.model).expanduser()
     if spec.model.endswith(".json") or path.is_file():
-        from imgrank.backbone import resolve_model_config
         from imgrank.errors import ModelError
+        from imgrank.models.backbone import resolve_model_config
 
         try:
             _name, config = resolve_model_config(spec)  # reads the JSON; no open_clip import
@@ -269,7 +269,7 @@ class BackboneOnDemand:
 
     def encode_pixels(self, pixels: np.ndarray, *, tokens: bool = False) -> Any:
         if self.backbone is None:
-            from imgrank.backbone import load_backbone
+            from imgrank.models.backbone import load_backbone
 
             self.backbone = load_backbone(self._spec, device=self._device, warn=self._warn)
         return self.backbone.encode_pixels(pixels, tokens=tokens)
@@ -291,9 +291,9 @@ def warm_zero_shot(
     allows the open_clip-free text tower and every path is cached, unchanged,
     for this backbone.
     """
-    from imgrank.cache import FileKey
-    from imgrank.pipeline import cache_fingerprint, describe_encoder
-    from imgrank.scoring import ZeroShotScorer, antonym_pair
+    from imgrank.features.cache import FileKey
+    from imgrank.features.pipeline import cache_fingerprint, describe_encoder
+    from imgrank.models.scoring import ZeroShotScorer, antonym_pair
 
     light = light_text_encoder(spec, device)
     if light is None:

@@ -473,7 +473,7 @@ def read_rated_folder(folder: Path, *, prompt: str | None, recursive: bool = Tru
     Raises:
         DataError: no prompt was given.
     """
-    from imgrank.images import find_images
+    from imgrank.images.decode import find_images
 
     folder = Path(folder).expanduser()
     if not prompt or not prompt.strip():

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from imgrank.scoring import FeatureBatch
+    from imgrank.models.scoring import FeatureBatch
 
 #: The default backbone: ViT-B-32 is the cheapest of the well-trained CLIP
 #: image towers (about 4.4 GFLOPs per 224 px image, 49 patch tokens), so a
@@ -322,7 +322,7 @@ def _remember_resolved(model_name: str, tag: str, path: Path) -> None:
     """Note which file a pretrained tag resolved to (``weights/resolved.json``).
 
     A re-sort served from the embedding cache reads this instead of importing
-    open_clip's registry of tags (see :mod:`imgrank.text_only`). Best effort:
+    open_clip's registry of tags (see :mod:`imgrank.models.text_only`). Best effort:
     a memo that cannot be written only costs that shortcut.
     """
     import tempfile
@@ -499,7 +499,7 @@ class Backbone:
         """
         import torch
 
-        from imgrank.scoring import FeatureBatch
+        from imgrank.models.scoring import FeatureBatch
 
         features = self.encode_images(torch.from_numpy(pixels), tokens=tokens)
         return FeatureBatch(
@@ -559,7 +559,7 @@ def features_fingerprint(
     """The embedding cache's key for a backbone: architecture + weights + preprocessing.
 
     Shared by :class:`Backbone` and the open_clip-free text path
-    (:mod:`imgrank.text_only`), which must find the features a backbone stored.
+    (:mod:`imgrank.models.text_only`), which must find the features a backbone stored.
     """
     blob = json.dumps(
         {"config": config, "weights": weights_id, "pp": preprocess.to_dict()}, sort_keys=True
@@ -710,7 +710,7 @@ def cpu_threads_for_model() -> int:
     """Intra-op threads for the model on the CPU: one per available core.
 
     The decode pool runs beside the model at a lower priority (see
-    :mod:`imgrank.pipeline`), so it fills the model's idle moments instead of
+    :mod:`imgrank.features.pipeline`), so it fills the model's idle moments instead of
     preempting its threads: PyTorch's OpenMP threads wait for each other at
     every operation, so one preempted thread stalls them all. On an idle 2-core
     machine 2 model threads sorted 64 photos of 12 MP 1.4x faster than 1.

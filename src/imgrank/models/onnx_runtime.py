@@ -6,11 +6,11 @@ adapter, the adapter's scoring head), the CLIP tokenizer as a ``tokenizers``
 preprocessing settings and what the graphs expect. This module turns it into
 the objects the pipeline already knows:
 
-* :class:`OnnxImageEncoder` follows :class:`imgrank.pipeline.ImageEncoder`
+* :class:`OnnxImageEncoder` follows :class:`imgrank.features.pipeline.ImageEncoder`
   (``preprocess``, ``fingerprint``, ``encode_pixels``), so the decode pool, the
   cache and the writers run unchanged;
 * :func:`zero_shot_scorer` builds the numpy-only
-  :class:`imgrank.scoring.ZeroShotScorer` from the ONNX text encoder;
+  :class:`imgrank.models.scoring.ZeroShotScorer` from the ONNX text encoder;
 * :class:`OnnxAdapterScorer` scores visual tokens with the exported adapter head.
 
 Nothing here imports torch or open_clip, directly or through another imgrank
@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imgrank.backbone import PreprocessConfig
 from imgrank.errors import ModelError, UsageError
-from imgrank.scoring import FeatureBatch, ZeroShotScorer, antonym_pair
+from imgrank.models.backbone import PreprocessConfig
+from imgrank.models.scoring import FeatureBatch, ZeroShotScorer, antonym_pair
 
 if TYPE_CHECKING:
     import onnxruntime
 
-    from imgrank.scoring import Scorer
+    from imgrank.models.scoring import Scorer
     from imgrank.sorter import SortRequest
 
 #: The manifest every exported folder carries; its presence marks an imgrank export.
@@ -499,7 +499,7 @@ def _checked_preprocess(data: dict[str, Any]) -> PreprocessConfig:
 
 
 class OnnxImageEncoder:
-    """The exported image tower, following :class:`imgrank.pipeline.ImageEncoder`."""
+    """The exported image tower, following :class:`imgrank.features.pipeline.ImageEncoder`."""
 
     def __init__(self, model: OnnxModel) -> None:
         self.model = model

@@ -41,14 +41,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from imgrank.backbone import PreprocessConfig
 from imgrank.errors import CacheError, ImageDecodeError, ModelError
-from imgrank.images import DEFAULT_MAX_PIXELS, open_image, resize_for_model, to_normalized_array
+from imgrank.images.decode import (
+    DEFAULT_MAX_PIXELS,
+    open_image,
+    resize_for_model,
+    to_normalized_array,
+)
+from imgrank.models.backbone import PreprocessConfig
+from imgrank.models.scoring import FeatureBatch, Scorer
 from imgrank.ranking import SkippedFile
-from imgrank.scoring import FeatureBatch, Scorer
 
 if TYPE_CHECKING:
-    from imgrank.cache import EmbeddingCache, FileKey
+    from imgrank.features.cache import EmbeddingCache, FileKey
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -69,7 +74,7 @@ DECODE_VERSION = f"draft-{DRAFT_COVERAGE}x-v1"
 
 
 class ImageEncoder(Protocol):
-    """An image tower: the torch :class:`imgrank.backbone.Backbone` or an ONNX session.
+    """An image tower: the torch :class:`imgrank.models.backbone.Backbone` or an ONNX session.
 
     Optional extras the pipeline uses when present: ``description`` (a short
     text for ``imgrank cache info``) and ``provides_tokens`` (False when the
@@ -465,7 +470,7 @@ def _score_hits(
     batch_size: int,
 ) -> list[tuple[int, Path]]:
     """Stat every file, score the cache hits, and return the misses as ``(index, path)``."""
-    from imgrank.cache import FileKey
+    from imgrank.features.cache import FileKey
 
     misses: list[tuple[int, Path]] = []
     for start in range(0, len(paths), LOOKUP_CHUNK):

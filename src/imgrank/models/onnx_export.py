@@ -1,6 +1,6 @@
 """``imgrank export``: write a backbone (and an adapter) as ONNX graphs, checked against torch.
 
-The folder an export writes holds everything :mod:`imgrank.onnx_runtime`
+The folder an export writes holds everything :mod:`imgrank.models.onnx_runtime`
 needs to sort without torch:
 
 * ``image_encoder.onnx``: ``pixels`` (N, 3, S, S) -> ``pooled`` (N, E) and,
@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgrank import __version__
-from imgrank.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
 from imgrank.errors import ModelError, UnsafeOperationError, UsageError
-from imgrank.onnx_runtime import (
+from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
+from imgrank.models.onnx_runtime import (
     ADAPTER_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -57,7 +57,7 @@ from imgrank.onnx_runtime import (
 if TYPE_CHECKING:
     import torch
 
-    from imgrank.backbone import Backbone
+    from imgrank.models.backbone import Backbone
 
 #: ONNX operator set: 17 has LayerNormalization as one op, and onnxruntime >= 1.14 runs it.
 DEFAULT_OPSET = 17
@@ -240,7 +240,7 @@ def _text_module(backbone: Backbone) -> torch.nn.Module:
     """A module computing what ``Backbone.encode_token_ids`` computes."""
     import torch
 
-    from imgrank.backbone import text_tower_forward
+    from imgrank.models.backbone import text_tower_forward
 
     model = backbone.model
     if not hasattr(model, "token_embedding"):
@@ -678,7 +678,7 @@ def export_model(
         warn: Called with messages the user must see (random weights...).
         progress: Called with a short line before each step.
     """
-    from imgrank.backbone import load_backbone
+    from imgrank.models.backbone import load_backbone
 
     out = out.expanduser()
     _prepare_out(out).rmdir()  # refuse a busy --out before minutes of loading
@@ -712,9 +712,9 @@ def _load_adapter_for_export(
     The backbone is chosen exactly as ``imgrank sort --adapter`` chooses it,
     so an export cannot pair an adapter with a backbone it was not trained on.
     """
-    from imgrank.adapter_scoring import backbone_for
-    from imgrank.backbone import load_backbone
-    from imgrank.checkpoints import load_adapter, load_model_folder
+    from imgrank.models.adapter_scoring import backbone_for
+    from imgrank.models.backbone import load_backbone
+    from imgrank.models.checkpoints import load_adapter, load_model_folder
 
     folder = load_model_folder(adapter_dir)
     spec, messages = backbone_for(folder, model=model, pretrained=pretrained)

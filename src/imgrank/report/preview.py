@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 from imgrank.errors import ImageDecodeError, UsageError
-from imgrank.images import DEFAULT_MAX_PIXELS
+from imgrank.images.decode import DEFAULT_MAX_PIXELS
 from imgrank.ranking import RankedImage, Ranking
-from imgrank.report import display_text, format_score, make_thumbnail
+from imgrank.report.html import display_text, format_score, make_thumbnail
 
 ImageProtocol = Literal["kitty", "iterm", "plain"]
 PROTOCOLS: tuple[str, ...] = ("kitty", "iterm", "plain")

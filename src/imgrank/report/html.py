@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from imgrank import __version__
 from imgrank.errors import ImageDecodeError, ImgrankError, UnsafeOperationError, UsageError
-from imgrank.images import DEFAULT_MAX_PIXELS, open_image
+from imgrank.images.decode import DEFAULT_MAX_PIXELS, open_image
 from imgrank.ranking import RankedImage, Ranking
 
 if TYPE_CHECKING:

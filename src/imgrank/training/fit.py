@@ -28,7 +28,7 @@ The paper's recipe with a frozen CLIP backbone:
    gives the same weights twice. Ctrl-C ends training and the best epoch
    so far is saved.
 
-The result is an imgrank model folder (``imgrank.checkpoints``) that
+The result is an imgrank model folder (``imgrank.models.checkpoints``) that
 ``imgrank sort --adapter`` and ``imgrank eval --adapter`` read, plus
 ``training.json``: the data, the settings and the metrics of every epoch.
 """
@@ -45,17 +45,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from imgrank.backbone import BackboneSpec
-from imgrank.datasets import LabelRow, LabelSet
 from imgrank.errors import CacheError, UnsafeOperationError, UsageError
-from imgrank.metrics import EvalReport, evaluate
+from imgrank.models.backbone import BackboneSpec
+from imgrank.training.datasets import LabelRow, LabelSet
+from imgrank.training.metrics import EvalReport, evaluate
 
 if TYPE_CHECKING:
     import torch
 
-    from imgrank.adapter import RankingAdapter
-    from imgrank.backbone import Backbone
-    from imgrank.cache import EmbeddingCache
+    from imgrank.features.cache import EmbeddingCache
+    from imgrank.models.adapter import RankingAdapter
+    from imgrank.models.backbone import Backbone
 
 #: Name of the training summary written into the model folder.
 SUMMARY_FILE = "training.json"
@@ -222,7 +222,7 @@ class EncodedImages:
 class _FeatureCollector:
     """A "scorer" that keeps the features the pipeline hands it.
 
-    Going through :func:`imgrank.pipeline.score_images` gives training and
+    Going through :func:`imgrank.features.pipeline.score_images` gives training and
     evaluation exactly the decoding, cache lookups and cache writes of
     ``imgrank sort`` (so a folder sorted once trains without decoding, and the
     other way round). The pipeline returns one score per path in input order
@@ -272,7 +272,7 @@ def encode_images(
         cache: An open embedding cache, or None to encode everything.
         reporter: Progress hooks.
     """
-    from imgrank.pipeline import PipelineStats, score_images
+    from imgrank.features.pipeline import PipelineStats, score_images
     from imgrank.ranking import SkippedFile
 
     reporter = reporter or TrainingReporter()
@@ -319,7 +319,7 @@ def open_cache_for(cache: Path | None | bool, reporter: TrainingReporter) -> Emb
     """The embedding cache a command asked for: a path, the default (True), or none (None/False)."""
     if cache is None or cache is False:
         return None
-    from imgrank.cache import open_cache
+    from imgrank.features.cache import open_cache
 
     try:
         return open_cache(None if cache is True else cache, on_warning=reporter.warn)
@@ -497,7 +497,7 @@ def train_adapter(
     """Train a ranking-aware adapter on labels and write a model folder to ``out``.
 
     Args:
-        labels: From :func:`imgrank.datasets.load_labels`.
+        labels: From :func:`imgrank.training.datasets.load_labels`.
         out: The model folder to create; it must not exist (or be empty).
         backbone_spec: The frozen backbone (``--model``/``--pretrained``).
         settings: Training settings (defaults: :class:`TrainSettings`).
@@ -520,9 +520,9 @@ def train_adapter(
     import torch
 
     from imgrank import __version__
-    from imgrank.adapter import AdapterConfig, RankingAdapter
-    from imgrank.backbone import load_backbone
-    from imgrank.checkpoints import check_backbone_fits, save_model_folder
+    from imgrank.models.adapter import AdapterConfig, RankingAdapter
+    from imgrank.models.backbone import load_backbone
+    from imgrank.models.checkpoints import check_backbone_fits, save_model_folder
 
     settings = settings or TrainSettings()
     settings.check()
@@ -575,7 +575,7 @@ def train_adapter(
         target = torch.tensor([values[row] for row in rows], dtype=torch.float32, device=run_device)
         return image, text, target
 
-    from imgrank.losses import adapter_loss
+    from imgrank.training.losses import adapter_loss
 
     def loss_of(model: RankingAdapter, rows: list[LabelRow]) -> Any:
         image, text, target = batch_tensors(rows)
@@ -770,7 +770,7 @@ def evaluate_labels(
     """Score every labelled image with an adapter (or zero-shot CLIP) and compute the metrics.
 
     Args:
-        labels: From :func:`imgrank.datasets.load_labels`.
+        labels: From :func:`imgrank.training.datasets.load_labels`.
         adapter: A model folder; None evaluates the zero-shot scorer on ``backbone_spec``.
         backbone_spec: The backbone for zero-shot evaluation.
         model: With an adapter: ``--model`` when the user gave it (checked against the folder).
@@ -788,14 +788,14 @@ def evaluate_labels(
     """
     import torch
 
-    from imgrank.backbone import load_backbone
-    from imgrank.scoring import FeatureBatch, ZeroShotScorer
+    from imgrank.models.backbone import load_backbone
+    from imgrank.models.scoring import FeatureBatch, ZeroShotScorer
 
     reporter = reporter or TrainingReporter()
     labels.require_rows_per_group(2, purpose="evaluation")
     if adapter is not None:
-        from imgrank.adapter_scoring import AdapterScorer, backbone_for
-        from imgrank.checkpoints import load_adapter, load_model_folder
+        from imgrank.models.adapter_scoring import AdapterScorer, backbone_for
+        from imgrank.models.checkpoints import load_adapter, load_model_folder
 
         folder = load_model_folder(adapter)
         spec, warnings = backbone_for(folder, model=model, pretrained=pretrained)

@@ -47,19 +47,19 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgrank.backbone import (
+from imgrank.errors import AdapterMismatchError, ModelError, UnsafeOperationError
+from imgrank.models.backbone import (
     OPENAI_MEAN,
     OPENAI_STD,
     RANDOM_WEIGHTS,
     BackboneSpec,
     PreprocessConfig,
 )
-from imgrank.errors import AdapterMismatchError, ModelError, UnsafeOperationError
 
 if TYPE_CHECKING:
     import torch
 
-    from imgrank.adapter import AdapterConfig, RankingAdapter
+    from imgrank.models.adapter import AdapterConfig, RankingAdapter
 
 FORMAT_NAME = "imgrank-adapter"
 FORMAT_VERSION = 1
@@ -87,7 +87,7 @@ class ModelFolder:
     Attributes:
         path: The folder.
         adapter_config: Shape and variant of the adapter.
-        backbone_spec: The backbone to build with :func:`imgrank.backbone.load_backbone`:
+        backbone_spec: The backbone to build with :func:`imgrank.models.backbone.load_backbone`:
             its ``pretrained`` is an open_clip tag, ``none``, or the absolute
             path of the weights file kept in the folder; ``preprocess`` is set.
         prompt_format: ``{}`` is replaced by the prompt (``{}`` alone = verbatim).
@@ -294,7 +294,7 @@ def _clip_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the CLIP a config builds, without allocating its weights."""
     import torch
 
-    from imgrank.backbone import _build_clip
+    from imgrank.models.backbone import _build_clip
 
     with torch.device("meta"):
         model = _build_clip(clip_config(config))
@@ -328,7 +328,7 @@ def load_model_folder(path: str | Path) -> ModelFolder:
         ModelError: not a model folder, an unknown format version, or a config
             that names files outside the folder or formats that would need unpickling.
     """
-    from imgrank.adapter import AdapterConfig
+    from imgrank.models.adapter import AdapterConfig
 
     folder = Path(path).expanduser().resolve()
     config_path = folder / CONFIG_FILE
@@ -428,7 +428,7 @@ def load_adapter(folder: ModelFolder | str | Path, *, device: str = "cpu") -> Ra
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from imgrank.adapter import RankingAdapter
+    from imgrank.models.adapter import RankingAdapter
 
     if not isinstance(folder, ModelFolder):
         folder = load_model_folder(folder)
@@ -519,7 +519,7 @@ def save_model_folder(
         UnsafeOperationError: ``out`` exists and is not empty.
         AdapterMismatchError: the backbone's tokens do not have the adapter's width.
     """
-    from imgrank.backbone import default_preprocess, read_state_dict, resolve_model_config
+    from imgrank.models.backbone import default_preprocess, read_state_dict, resolve_model_config
 
     if prompt_format.count("{}") != 1:
         raise ModelError('prompt_format must contain "{}" exactly once')
@@ -604,8 +604,8 @@ def import_authors_checkpoint(
             missing, unexpected or mis-shaped key is listed.
         UnsafeOperationError: ``out`` exists and is not empty.
     """
-    from imgrank.adapter import AdapterConfig, RankingAdapter
-    from imgrank.backbone import read_state_dict
+    from imgrank.models.adapter import AdapterConfig, RankingAdapter
+    from imgrank.models.backbone import read_state_dict
 
     if not str(out):
         raise ModelError("no output folder given")

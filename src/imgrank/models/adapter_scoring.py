@@ -1,6 +1,6 @@
 """Sorting with a ranking-aware adapter: the scorer and the backbone it runs on.
 
-:class:`AdapterScorer` follows :class:`imgrank.scoring.Scorer`: it reads the
+:class:`AdapterScorer` follows :class:`imgrank.models.scoring.Scorer`: it reads the
 visual tokens of a batch and returns the adapter's regression score per image
 (one forward per batch, no pairs, so sorting N images costs O(N)). The
 prompt's text tokens are computed once, when the scorer is built.
@@ -21,10 +21,10 @@ import numpy as np
 from imgrank.errors import AdapterMismatchError, ModelError
 
 if TYPE_CHECKING:
-    from imgrank.adapter import RankingAdapter
-    from imgrank.backbone import Backbone, BackboneSpec, TextFeatures
-    from imgrank.checkpoints import ModelFolder
-    from imgrank.scoring import FeatureBatch
+    from imgrank.models.adapter import RankingAdapter
+    from imgrank.models.backbone import Backbone, BackboneSpec, TextFeatures
+    from imgrank.models.checkpoints import ModelFolder
+    from imgrank.models.scoring import FeatureBatch
 
 # Config keys that change training behaviour only (dropout, drop-path, whether
 # timm fetched its own ImageNet weights, whether tokens are returned): two
@@ -143,8 +143,8 @@ def backbone_for(
     """
     from dataclasses import replace
 
-    from imgrank.backbone import RANDOM_WEIGHTS, BackboneSpec, resolve_model_config
-    from imgrank.checkpoints import check_backbone_fits, clip_config
+    from imgrank.models.backbone import RANDOM_WEIGHTS, BackboneSpec, resolve_model_config
+    from imgrank.models.checkpoints import check_backbone_fits, clip_config
 
     own = folder.backbone_spec
     _, own_config = resolve_model_config(own)
@@ -207,8 +207,8 @@ def load_adapter_scoring(
         ModelError: unreadable folder or weights.
         AdapterMismatchError: a backbone the adapter was not trained on.
     """
-    from imgrank.backbone import load_backbone
-    from imgrank.checkpoints import ModelFolder, load_adapter, load_model_folder
+    from imgrank.models.backbone import load_backbone
+    from imgrank.models.checkpoints import ModelFolder, load_adapter, load_model_folder
 
     if not isinstance(folder, ModelFolder):
         folder = load_model_folder(folder)

@@ -14,7 +14,7 @@ same prompt (pairs between groups mean nothing), with targets ``y`` (N,):
   BCE on ``s_i - s_j`` instead of a pair head;
 * :func:`adapter_loss`: ``0.2 * regression + 1.0 * rank`` (the released weights).
 
-Pair logits are laid out as :class:`imgrank.adapter.RankingAdapter` returns
+Pair logits are laid out as :class:`imgrank.models.adapter.RankingAdapter` returns
 them: row ``i*N + j`` is "image i ranks above image j".
 """
 

@@ -9,7 +9,7 @@ the cache and the writers do not care which one runs:
   and the score is the softmax probability of the positive phrasing. Ranking
   by plain similarity to the words would favour photos that *look like* the
   words (e.g. pictures of text) instead of photos that *have* the quality.
-* the adapter scorer (``imgrank.adapter_scoring``) for a trained ranking-aware adapter.
+* the adapter scorer (``imgrank.models.adapter_scoring``) for a trained ranking-aware adapter.
 
 Scores are computed once per run for the prompt (text features are encoded
 in the constructor), then per batch of images.
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from imgrank.backbone import Backbone
+    from imgrank.models.backbone import Backbone
 
 #: Templates of the zero-shot antonym pair; ``{}`` is the prompt. Documented in docs/cli.md.
 POSITIVE_TEMPLATE = "a photo of high {}."

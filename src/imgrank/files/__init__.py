@@ -1,0 +1,1 @@
+"""Files imgrank writes: ranking outputs, renames and their journal."""

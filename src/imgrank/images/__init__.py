@@ -1,0 +1,1 @@
+"""Image files: finding them and decoding them safely into model-ready pixels."""

@@ -1,0 +1,1 @@
+"""Models: choosing, loading and running a ranking model (backbone, heads, runtimes)."""

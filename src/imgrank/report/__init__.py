@@ -1,0 +1,1 @@
+"""Looking at a ranking: the HTML contact sheet and the terminal preview."""

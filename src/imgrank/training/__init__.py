@@ -1,0 +1,1 @@
+"""Training and evaluating ranking heads on a user's labels."""
