@@ -74,7 +74,7 @@ def _scores(result: list[tuple[Path, float]]) -> dict[str, float]:
 def _write_entries(cache: EmbeddingCache, count: int, tag: str = "a") -> int:
     model = cache.model_id("fingerprint-" + tag, "test model")
     for i in range(count):
-        key = FileKey(f"/photos/{tag}/{i}.jpg", 1000 + i, 10**18 + i)
+        key = FileKey(f"/photos/{tag}/{i}.jpg", 1000 + i, 10**18 + i, 7000 + i)
         cache.put(model, key, np.full(8, i, np.float32), np.full((4, 8), i, np.float32))
     cache.flush()
     return model
@@ -133,12 +133,116 @@ def test_a_changed_photo_is_embedded_again(
     assert (stats.cache_hits, stats.cache_misses) == (len(paths) - 1, 1)
     assert _scores(result) == _scores(score_images(paths, backbone, scorer))
 
-    # Only the size and mtime are compared: touching the file invalidates it too.
+    # Size, mtime and inode are compared: touching the file invalidates it too.
     os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
     with EmbeddingCache.open(db) as cache:
         stats = PipelineStats()
         score_images(paths, backbone, scorer, cache=cache, stats=stats)
     assert stats.cache_misses == 1
+
+
+def _same_size_and_mtime(first: Path, second: Path) -> None:
+    """Pad the smaller JPEG (decoders ignore bytes after the end marker) and copy the mtime."""
+    small, large = sorted((first, second), key=lambda p: p.stat().st_size)
+    with open(small, "ab") as handle:
+        handle.write(b"\0" * (large.stat().st_size - small.stat().st_size))
+    stamp = large.stat().st_mtime_ns
+    for path in (first, second):
+        os.utime(path, ns=(stamp, stamp))
+
+
+def test_two_photos_that_swap_names_are_not_served_each_others_features(
+    photo_dir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Issue 17 item 1: size and mtime survive a rename, the inode does not stay with the name."""
+    paths = sorted(photo_dir.glob("*.jpg"))
+    first, second = paths[0], paths[1]
+    _same_size_and_mtime(first, second)
+    backbone = _backbone(tiny_model, lazy=False)
+    scorer = _zero_shot(backbone, "image quality")
+    db = tmp_path / "cache.sqlite3"
+    with EmbeddingCache.open(db) as cache:
+        before = _scores(score_images(paths, backbone, scorer, cache=cache))
+    assert abs(before[first.name] - before[second.name]) > 1e-3
+
+    parked = photo_dir / "parked.tmp"
+    first.rename(parked)
+    second.rename(first)
+    parked.rename(second)  # `mv`, or imgrank's own `--name-template "{rank}{ext}"`
+    assert first.stat().st_size == second.stat().st_size
+    assert first.stat().st_mtime_ns == second.stat().st_mtime_ns
+
+    with EmbeddingCache.open(db) as cache:
+        stats = PipelineStats()
+        after = _scores(score_images(paths, backbone, scorer, cache=cache, stats=stats))
+    assert (stats.cache_hits, stats.cache_misses) == (len(paths) - 2, 2)
+    # Batches of other sizes than the first run's: equal up to float rounding.
+    assert after[first.name] == pytest.approx(before[second.name], abs=1e-5)
+    assert after[second.name] == pytest.approx(before[first.name], abs=1e-5)
+    uncached = _scores(score_images(paths, backbone, scorer))
+    assert after == pytest.approx(uncached, abs=1e-5)
+
+
+_V1_LAYOUT = (
+    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    "CREATE TABLE models (id INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE,"
+    " description TEXT NOT NULL, created_at REAL NOT NULL, last_used_at REAL NOT NULL)",
+    "CREATE TABLE entries (id INTEGER PRIMARY KEY,"
+    " model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,"
+    " path BLOB NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+    " pooled BLOB NOT NULL, tokens BLOB, token_count INTEGER, token_dim INTEGER,"
+    " tokens_dtype TEXT, created_at REAL NOT NULL, UNIQUE (model_id, path))",
+)
+
+
+def _version_1_cache(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA application_id = 1229801298")  # "IMGR"
+    for statement in _V1_LAYOUT:
+        conn.execute(statement)
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    conn.execute("INSERT INTO models VALUES (1, 'fp', 'old model', 0, 0)")
+    conn.execute(
+        "INSERT INTO entries (model_id, path, size, mtime_ns, pooled, created_at)"
+        " VALUES (1, ?, 10, 20, ?, 0)",
+        (b"/photos/a.jpg", np.zeros(8, np.float32).tobytes()),
+    )
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("opener", ["sort", "upkeep"])
+def test_a_version_1_cache_is_upgraded_in_place_and_its_unverifiable_entries_dropped(
+    tmp_path: Path, opener: str
+) -> None:
+    db = tmp_path / "cache.sqlite3"
+    _version_1_cache(db)
+    warnings: list[str] = []
+    cache = (
+        EmbeddingCache.open(db, on_warning=warnings.append)
+        if opener == "sort"
+        else open_existing(db)
+    )
+    with cache:
+        summary = cache.summary()
+        assert summary.schema_version == SCHEMA_VERSION == 2
+        assert summary.entries == 0, "a version 1 entry cannot tell a swapped file from its own"
+        assert [m.fingerprint for m in summary.models] == ["fp"]
+        model = cache.model_id("fp", "old model")
+        key = FileKey("/photos/a.jpg", 10, 20, 30)
+        cache.put(model, key, np.ones(8, np.float32))
+        cache.flush()
+        assert list(cache.get_many(model, [key])) == ["/photos/a.jpg"]
+        assert cache.prune().missing == 1  # prune reads the new column too
+    assert (
+        warnings == []
+        and sorted(
+            p.name
+            for p in tmp_path.iterdir()
+            if "sqlite3." in p.name and not p.name.endswith(("-wal", "-shm"))
+        )
+        == []
+    )
 
 
 def test_adapter_style_scorers_run_from_tokens_cached_by_a_zero_shot_sort(
@@ -316,7 +420,7 @@ _WRITER = textwrap.dedent(
         model = cache.model_id("shared-fingerprint", "test model")
         i = 0
         while count < 0 or i < count:
-            key = FileKey(f"/photos/{tag}/{i}.jpg", 1000 + i, 10**18 + i)
+            key = FileKey(f"/photos/{tag}/{i}.jpg", 1000 + i, 10**18 + i, 7000 + i)
             cache.put(model, key, np.full(8, i, np.float32), np.random.rand(49, 64))
             i += 1
             if i % every == 0:
@@ -460,11 +564,11 @@ def test_a_cache_locked_too_long_costs_entries_not_the_run(tmp_path: Path) -> No
         blocker = sqlite3.connect(db, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         try:
-            cache.put(model, FileKey("/p/1.jpg", 1, 1), np.zeros(8, np.float32))
+            cache.put(model, FileKey("/p/1.jpg", 1, 1, 1), np.zeros(8, np.float32))
             assert cache.flush() == 0
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
         assert warnings and "locked" in warnings[0]
-        cache.put(model, FileKey("/p/2.jpg", 2, 2), np.zeros(8, np.float32))
+        cache.put(model, FileKey("/p/2.jpg", 2, 2, 2), np.zeros(8, np.float32))
         assert cache.flush() == 1  # later writes go through again

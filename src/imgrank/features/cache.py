@@ -5,9 +5,12 @@ One entry holds what the scorers need for one image file under one model:
 * the pooled embedding (float32) that zero-shot scoring reads, and
 * the visual tokens (float16 unless a value does not fit) that adapters read.
 
-Entries are keyed on the file's absolute path and checked against its size and
-``mtime_ns``: a file that changed is a miss and is embedded again (its entry is
-replaced). Each model is a row of its own, identified by a fingerprint of the
+Entries are keyed on the file's absolute path and checked against its size,
+``mtime_ns`` and inode number: a file that changed, or another file that took
+its name (two photos that swapped names keep their sizes and mtimes, but not
+their inodes), is a miss and is embedded again (its entry is replaced). Why the
+inode and not the change time or the device: docs/safety.md, "The embedding
+cache". Each model is a row of its own, identified by a fingerprint of the
 encoder (architecture + weights identity) and of the preprocessing, so features
 of different models or input sizes never mix.
 
@@ -43,8 +46,12 @@ import numpy as np
 from imgrank.errors import CacheError
 
 #: Version of the table layout below. A file with a higher version was written
-#: by a newer imgrank and is left alone; a lower one is moved aside and rebuilt.
-SCHEMA_VERSION = 1
+#: by a newer imgrank and is left alone; an older one this module knows how to
+#: upgrade (``MIGRATIONS``) is upgraded in place, anything older is moved aside.
+#: 1: entries keyed on path, size, mtime_ns.
+#: 2: entries also carry the inode (version 1 served a file the features of
+#:    another that had swapped names with it).
+SCHEMA_VERSION = 2
 
 #: SQLite ``application_id`` marking a file as an imgrank cache ("IMGR").
 APPLICATION_ID = 0x494D4752
@@ -88,6 +95,7 @@ _SCHEMA = (
         path BLOB NOT NULL,
         size INTEGER NOT NULL,
         mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
         pooled BLOB NOT NULL,
         tokens BLOB,
         token_count INTEGER,
@@ -100,13 +108,27 @@ _SCHEMA = (
 )
 
 
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    # Version 1 entries carry no inode, so none of them can be trusted not to be
+    # the features of a file that swapped names with this one: drop them (they
+    # are re-created by the next sort) and keep the models.
+    conn.execute("ALTER TABLE entries ADD COLUMN inode INTEGER NOT NULL DEFAULT -1")
+    conn.execute("DELETE FROM entries")
+
+
+#: ``{version: step}``: the step upgrades a file of that version to the next one,
+#: inside the write transaction that opens the cache.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+
+
 @dataclass(frozen=True)
 class FileKey:
-    """What identifies one version of one file: absolute path, size, modification time."""
+    """What identifies one version of one file: absolute path, size, mtime, inode."""
 
     path: str
     size: int
     mtime_ns: int
+    inode: int
 
     @classmethod
     def of(cls, path: Path | str) -> FileKey:
@@ -117,7 +139,15 @@ class FileKey:
         """
         absolute = os.path.abspath(os.fspath(path))
         info = os.stat(absolute)
-        return cls(absolute, int(info.st_size), int(info.st_mtime_ns))
+        return cls(absolute, int(info.st_size), int(info.st_mtime_ns), int(info.st_ino))
+
+    def describes(self, info: os.stat_result) -> bool:
+        """Whether ``info`` (a fresh stat of :attr:`path`) is still this version of this file."""
+        return (info.st_size, info.st_mtime_ns, info.st_ino) == (
+            self.size,
+            self.mtime_ns,
+            self.inode,
+        )
 
     @property
     def blob(self) -> bytes:
@@ -249,7 +279,7 @@ def _classify(path: Path) -> tuple[str, int | None]:
             return "foreign", None
         row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
         version = int(row[0]) if row and row[0] is not None else 0
-        if version < SCHEMA_VERSION:
+        if version < SCHEMA_VERSION and not _can_migrate(version):
             return "old", version
         return "ours", version
     except sqlite3.DatabaseError:
@@ -420,7 +450,7 @@ class EmbeddingCache:
         """
         wanted = {key.blob: key for key in keys}
         found: dict[str, CachedFeatures] = {}
-        columns = "path, size, mtime_ns, pooled" + (
+        columns = "path, size, mtime_ns, inode, pooled" + (
             ", tokens, token_count, token_dim, tokens_dtype" if tokens else ""
         )
         blobs = list(wanted)
@@ -436,15 +466,15 @@ class EmbeddingCache:
                 raise CacheError(f"cannot read the embedding cache {self.path}: {exc}") from None
             for row in rows:
                 key = wanted.get(bytes(row[0]))
-                if key is None or row[1] != key.size or row[2] != key.mtime_ns:
-                    continue  # the file changed since it was embedded
-                pooled = np.frombuffer(row[3], dtype=np.float32)
+                if key is None or (row[1], row[2], row[3]) != (key.size, key.mtime_ns, key.inode):
+                    continue  # the file changed, or another file took its name
+                pooled = np.frombuffer(row[4], dtype=np.float32)
                 features = CachedFeatures(pooled=pooled)
                 if tokens:
-                    if row[4] is None:
+                    if row[5] is None:
                         continue
-                    dtype = np.float16 if row[7] == "float16" else np.float32
-                    grid = np.frombuffer(row[4], dtype=dtype).reshape(int(row[5]), int(row[6]))
+                    dtype = np.float16 if row[8] == "float16" else np.float32
+                    grid = np.frombuffer(row[5], dtype=dtype).reshape(int(row[6]), int(row[7]))
                     features.tokens = grid.astype(np.float32)
                 found[key.path] = features
         return found
@@ -485,6 +515,7 @@ class EmbeddingCache:
                 key.blob,
                 key.size,
                 key.mtime_ns,
+                key.inode,
                 pooled_blob,
                 tokens_blob,
                 count,
@@ -517,9 +548,9 @@ class EmbeddingCache:
             with self._write():
                 self._conn.executemany(
                     "INSERT OR REPLACE INTO entries"
-                    " (model_id, path, size, mtime_ns, pooled, tokens,"
+                    " (model_id, path, size, mtime_ns, inode, pooled, tokens,"
                     " token_count, token_dim, tokens_dtype, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
         except sqlite3.OperationalError as exc:
@@ -580,14 +611,15 @@ class EmbeddingCache:
         last_id = 0
         while True:
             rows = self._conn.execute(
-                "SELECT id, path, size, mtime_ns FROM entries WHERE id > ? ORDER BY id LIMIT 512",
+                "SELECT id, path, size, mtime_ns, inode FROM entries"
+                " WHERE id > ? ORDER BY id LIMIT 512",
                 (last_id,),
             ).fetchall()
             if not rows:
                 break
             last_id = int(rows[-1][0])
             doomed: list[tuple[int]] = []
-            for entry_id, blob, size, mtime_ns in rows:
+            for entry_id, blob, size, mtime_ns, inode in rows:
                 try:
                     info = os.stat(os.fsdecode(bytes(blob)))
                 except FileNotFoundError:
@@ -597,7 +629,7 @@ class EmbeddingCache:
                 except OSError:
                     kept += 1
                     continue
-                if info.st_size != size or info.st_mtime_ns != mtime_ns:
+                if (info.st_size, info.st_mtime_ns, info.st_ino) != (size, mtime_ns, inode):
                     changed += 1
                     doomed.append((int(entry_id),))
                 else:
@@ -691,11 +723,36 @@ def _initialise(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
     with _WriteTransaction(conn):
+        _upgrade(conn)
         for statement in _SCHEMA:
             conn.execute(statement)
         if conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
+def _can_migrate(version: int) -> bool:
+    return all(step in MIGRATIONS for step in range(version, SCHEMA_VERSION))
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring an older cache up to ``SCHEMA_VERSION``, inside the caller's write transaction.
+
+    Two processes opening an old cache at once are serialised by the write
+    lock; the second finds the current version and does nothing.
+    """
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+    ).fetchone()
+    if not has_table:
+        return
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    version = int(row[0]) if row and row[0] is not None else SCHEMA_VERSION
+    while version < SCHEMA_VERSION:
+        MIGRATIONS[version](conn)
+        version += 1
+        conn.execute("DELETE FROM schema_version")
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
 
 def _retry_busy(action: Callable[[], object], attempts: int = 50) -> object:
@@ -766,4 +823,11 @@ def open_existing(path: Path | str) -> EmbeddingCache | None:
         )
     conn = _connect(path, DEFAULT_BUSY_TIMEOUT)
     conn.execute("PRAGMA foreign_keys = ON")
+    if version is not None and version < SCHEMA_VERSION:
+        try:
+            with _WriteTransaction(conn):
+                _upgrade(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise CacheError(f"cannot upgrade the embedding cache {path}: {exc}") from None
     return EmbeddingCache(conn, path)

@@ -521,4 +521,4 @@ def _changed_since(path: Path, key: FileKey) -> bool:
         info = os.stat(path)
     except OSError:
         return True
-    return info.st_size != key.size or info.st_mtime_ns != key.mtime_ns
+    return not key.describes(info)
