@@ -13,11 +13,25 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class RankedImage:
-    """One image in the final order. ``rank`` starts at 1 (the first row)."""
+    """One image in the final order. ``rank`` starts at 1 (the first row).
+
+    ``raw`` is the camera RAW file of a RAW+JPEG pair ranked through ``path`` (its
+    JPEG twin); renames, links, copies and XMP sidecars apply to both files.
+    """
 
     rank: int
     score: float
     path: Path
+    raw: Path | None = None
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file this row stands for: the photo, then its RAW if paired."""
+        return (self.path,) if self.raw is None else (self.path, self.raw)
+
+    def expanded(self) -> list[RankedImage]:
+        """One row per file (same rank and score), for writers that handle files one by one."""
+        return [RankedImage(self.rank, self.score, path) for path in self.files]
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,11 @@ class Ranking:
 
 
 def rank_scores(
-    scored: list[tuple[Path, float]], *, ascending: bool = False, top: int | None = None
+    scored: list[tuple[Path, float]],
+    *,
+    ascending: bool = False,
+    top: int | None = None,
+    raw_of: dict[Path, Path] | None = None,
 ) -> list[RankedImage]:
     """Order ``(path, score)`` pairs and number them from 1.
 
@@ -57,4 +75,7 @@ def rank_scores(
         ordered = sorted(scored, key=lambda item: (-item[1], str(item[0])))
     if top is not None:
         ordered = ordered[:top]
-    return [RankedImage(rank=i, score=score, path=path) for i, (path, score) in enumerate(ordered, 1)]
+    return [
+        RankedImage(rank=i, score=score, path=path, raw=raw_of.get(path))
+        for i, (path, score) in enumerate(ordered, 1)
+    ]

@@ -16,6 +16,7 @@ from imgrank.errors import NoImagesRankedError, UsageError
 from imgrank.features.cache import EmbeddingCache
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE, ImageEncoder, PipelineStats, score_images
 from imgrank.images.decode import DEFAULT_MAX_PIXELS, find_images
+from imgrank.images.raw import INSTALL_HINT, RAW_PAIR_MODES, pair_raw_files
 from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
 from imgrank.models.scoring import Scorer
 from imgrank.ranking import Ranking, SkippedFile, rank_scores
@@ -55,6 +56,9 @@ class SortRequest:
     onnx: Path | None = None
     #: onnxruntime execution providers, comma-separated (None: CUDA if available, else CPU).
     providers: str | None = None
+    #: ``pair``: a RAW with a same-stem JPEG twin is ranked once, through the twin;
+    #: ``separate``: both are ranked as photos of their own (imgrank.images.raw).
+    raw_pairs: str = "pair"
 
 
 @dataclass
@@ -90,6 +94,8 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         raise UsageError("--batch-size must be at least 1")
     if request.cache is not None and not request.use_cache:
         raise UsageError("--cache and --no-cache contradict each other; give one of them")
+    if request.raw_pairs not in RAW_PAIR_MODES:
+        raise UsageError(f"--raw-pairs must be one of {', '.join(RAW_PAIR_MODES)}, not {request.raw_pairs!r}")
     use_onnx = wants_onnx(request)  # checks the runtime options before any work
 
     started = time.perf_counter()
@@ -106,6 +112,10 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         exclude=request.exclude,
         on_skip=lambda path, reason: on_skip(SkippedFile(path, reason)),
     )
+    pairs = pair_raw_files(paths, mode=request.raw_pairs)
+    for raw in pairs.unreadable:  # listed once each, before any model is loaded
+        on_skip(SkippedFile(raw, INSTALL_HINT))
+    paths = pairs.photos
     if not paths:
         raise NoImagesRankedError(_nothing_found_message(request, skipped))
 
@@ -137,7 +147,9 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
             f"none of the {len(paths)} image files in {request.folder} could be read "
             f"({len(skipped)} skipped; see the reasons above)"
         )
-    items = rank_scores(scored, ascending=request.ascending, top=request.top)
+    items = rank_scores(
+        scored, ascending=request.ascending, top=request.top, raw_of=pairs.raw_of
+    )
     return Ranking(
         items=items,
         skipped=skipped,

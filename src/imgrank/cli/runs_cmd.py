@@ -222,7 +222,10 @@ def rename_after_sort(
         # Same folder, same style of path (relative stays relative), new name.
         return path.parent / new_names.get(Path(os.path.abspath(path)), path.name)
 
-    return [RankedImage(i.rank, i.score, now(i.path)) for i in items]
+    return [
+        RankedImage(i.rank, i.score, now(i.path), None if i.raw is None else now(i.raw))
+        for i in items
+    ]
 
 
 def validate_rename_options(rename: bool, apply: bool, template: str | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -29,7 +29,7 @@ def sort(
     ctx: typer.Context,
     folder: Path = typer.Argument(..., help="Folder of photos to rank (scanned recursively)."),
     by: str = typer.Option(..., "--by", "-b", help='What to sort by, e.g. "image quality".'),
-    against: Optional[str] = typer.Option(
+    against: str | None = typer.Option(
         None,
         "--against",
         help="Zero-shot only: the negative phrasing, used verbatim with --by verbatim "
@@ -46,7 +46,7 @@ def sort(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(
+    workers: int | None = typer.Option(
         None, "--workers", help="Decode threads (default: one per CPU core)."
     ),
     recursive: bool = typer.Option(
@@ -58,18 +58,18 @@ def sort(
     fmt: str = typer.Option(
         "csv", "--format", "-f", help="Output format: csv (rank,score,path), jsonl, or paths."
     ),
-    output: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(
         None, "--output", "-o", help="Write the ranking to FILE instead of stdout."
     ),
     null: bool = typer.Option(
         False, "--null", "-0", help="With --format paths: separate paths with NUL (for xargs -0)."
     ),
-    top: Optional[int] = typer.Option(None, "--top", help="Keep only the first K images."),
+    top: int | None = typer.Option(None, "--top", help="Keep only the first K images."),
     ascending: bool = typer.Option(False, "--ascending", help="Lowest score first."),
-    link: Optional[Path] = typer.Option(
+    link: Path | None = typer.Option(
         None, "--link", help="Also create rank-ordered symlinks (0001_name.jpg, ...) in DIR."
     ),
-    copy: Optional[Path] = typer.Option(
+    copy: Path | None = typer.Option(
         None, "--copy", help="Also create rank-ordered copies (0001_name.jpg, ...) in DIR."
     ),
     rename: bool = typer.Option(
@@ -81,22 +81,22 @@ def sort(
     apply: bool = typer.Option(
         False, "--apply", help="With --rename: do rename the photos (undo: `imgrank undo --last`)."
     ),
-    name_template: Optional[str] = typer.Option(
+    name_template: str | None = typer.Option(
         None,
         "--name-template",
         help='With --rename: new names from {rank}, {score}, {stem}, {ext} '
         '(default "{rank}_{stem}{ext}"). See docs/safety.md.',
     ),
-    errors: Optional[Path] = typer.Option(
+    errors: Path | None = typer.Option(
         None, "--errors", help="Write the skipped files as CSV (path,reason) to FILE."
     ),
-    report: Optional[Path] = typer.Option(
+    report: Path | None = typer.Option(
         None,
         "--report",
         help="Also write an HTML contact sheet to FILE: thumbnails in rank order with scores, "
         "a score histogram, the skipped files. See docs/report.md.",
     ),
-    preview: Optional[int] = typer.Option(
+    preview: int | None = typer.Option(
         None,
         "--preview",
         min=1,
@@ -110,7 +110,7 @@ def sort(
         DEFAULT_MAX_PIXELS, "--max-pixels", help="Skip images larger than this (decompression bombs)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
-    cache: Optional[Path] = typer.Option(
+    cache: Path | None = typer.Option(
         None,
         "--cache",
         help="Embedding cache file (default: embeddings.sqlite3 in the user cache folder). "
@@ -119,24 +119,30 @@ def sort(
     no_cache: bool = typer.Option(
         False, "--no-cache", help="Neither read nor write the embedding cache."
     ),
-    adapter: Optional[Path] = typer.Option(
+    adapter: Path | None = typer.Option(
         None,
         "--adapter",
         help="Score with a ranking-adapter model folder (see `imgrank adapter`); it brings its "
         "own backbone and preprocessing unless --model/--pretrained are given.",
     ),
-    runtime: Optional[str] = typer.Option(
+    runtime: str | None = typer.Option(
         None,
         "--runtime",
         help="torch, or onnx (onnxruntime, no torch needed; implied by --onnx). See docs/onnx.md.",
     ),
-    onnx: Optional[Path] = typer.Option(
+    onnx: Path | None = typer.Option(
         None, "--onnx", help="With --runtime onnx: a folder written by `imgrank export`."
     ),
-    providers: Optional[str] = typer.Option(
+    providers: str | None = typer.Option(
         None,
         "--providers",
         help="onnxruntime providers in order, e.g. cuda,cpu (default: CUDA if any, else CPU).",
+    ),
+    raw_pairs: str = typer.Option(
+        "pair",
+        "--raw-pairs",
+        help="pair: a RAW with a same-stem JPEG in its folder is ranked once, through the JPEG, "
+        "and renamed/linked/copied with it; separate: rank both as photos of their own.",
     ),
 ) -> None:
     """Rank the photos of FOLDER by how well they match --by, best first.
@@ -192,6 +198,7 @@ def sort(
         runtime=runtime,
         onnx=onnx,
         providers=providers,
+        raw_pairs=raw_pairs,
     )
     # Output files that would be refused are refused now, not after minutes of work.
     for target in (output, errors):

@@ -222,7 +222,8 @@ def plan_renames(
     """Plan renaming ``items`` into rank order; nothing is changed.
 
     Args:
-        items: The ranking (rank 1 first), e.g. ``Ranking.items``.
+        items: The ranking (rank 1 first), e.g. ``Ranking.items``; the RAW of a
+            RAW+JPEG pair is renamed with its twin.
         template: The new-name template (see :class:`NameTemplate`).
         journal_dir: Where journals are (default :func:`imgrank.paths.journal_dir`).
 
@@ -239,6 +240,8 @@ def plan_renames(
     plan = RenamePlan(run_id=new_run_id(), template=tmpl.text)
     if not items:
         return plan
+    # A RAW+JPEG pair is renamed together: both files get the same rank prefix.
+    items = [row for item in items for row in item.expanded()]
 
     paths = [absolute_path(item.path) for item in items]
     identities: list[FileIdentity] = []

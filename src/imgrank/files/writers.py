@@ -54,9 +54,15 @@ def write_csv(items: Iterable[RankedImage], stream: BinaryIO) -> None:
 
 
 def write_jsonl(items: Iterable[RankedImage], stream: BinaryIO) -> None:
-    """One JSON object per line: ``{"rank": 1, "score": 0.93, "path": "..."}``."""
+    """One JSON object per line: ``{"rank": 1, "score": 0.93, "path": "..."}``.
+
+    A RAW+JPEG pair ranked as one photo also names its RAW file: ``"raw": "IMG_1.CR2"``.
+    """
     for item in items:
-        line = json.dumps({"rank": item.rank, "score": item.score, "path": str(item.path)})
+        record: dict[str, object] = {"rank": item.rank, "score": item.score, "path": str(item.path)}
+        if item.raw is not None:
+            record["raw"] = str(item.raw)
+        line = json.dumps(record)
         stream.write(line.encode("ascii") + b"\n")
     stream.flush()
 
@@ -157,7 +163,7 @@ def rank_prefix_width(count: int) -> int:
 
 def ranked_names(items: list[RankedImage]) -> list[str]:
     """``0001_<original name>`` for each item, the rank zero-padded to a common width."""
-    width = rank_prefix_width(len(items))
+    width = rank_prefix_width(max((item.rank for item in items), default=0))
     return [f"{item.rank:0{width}d}_{item.path.name}" for item in items]
 
 
@@ -187,12 +193,15 @@ def materialize(
     then created in a way that fails if the name appeared meanwhile, so
     nothing already in ``out_dir`` is ever replaced.
 
+    A RAW+JPEG pair gets a link (or copy) for each of its two files, with the same rank.
+
     Returns:
         The created paths, in rank order.
 
     Raises:
         UnsafeOperationError: a target name already exists in ``out_dir``.
     """
+    items = [row for item in items for row in item.expanded()]
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = [out_dir / name for name in ranked_names(items)]
     existing = [t for t in targets if os.path.lexists(t)]

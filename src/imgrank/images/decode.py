@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgrank.errors import ImageDecodeError
+from imgrank.images.raw import RAW_EXTENSIONS, is_raw, open_raw, raw_available
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,7 +53,18 @@ def heif_available() -> bool:
 
 def supported_extensions() -> frozenset[str]:
     """Lower-case extensions imgrank reads on this installation."""
-    return BASE_EXTENSIONS | HEIF_EXTENSIONS if heif_available() else BASE_EXTENSIONS
+    extensions = BASE_EXTENSIONS | HEIF_EXTENSIONS if heif_available() else BASE_EXTENSIONS
+    return extensions | RAW_EXTENSIONS if raw_available() else extensions
+
+
+def listed_extensions() -> frozenset[str]:
+    """What a folder scan lists: the readable extensions, and RAW files in any case.
+
+    A RAW file is listed even without the ``raw`` extra, so that it can travel with its
+    JPEG twin or be reported as skipped with the hint to install the extra, rather than
+    be silently ignored.
+    """
+    return supported_extensions() | RAW_EXTENSIONS
 
 
 def _is_hidden(name: str) -> bool:
@@ -81,7 +93,7 @@ def find_images(
         exclude: folders not to scan (e.g. a ``--link`` output inside ``root``).
         on_skip: called with ``(path, reason)`` for each file that cannot be used.
     """
-    extensions = supported_extensions()
+    extensions = listed_extensions()
     skip = on_skip or (lambda _path, _reason: None)
     excluded = set()
     for folder in exclude:
@@ -187,6 +199,9 @@ def open_image(
 ) -> Image.Image:
     """Open and fully decode one image as upright 8-bit RGB.
 
+    A camera RAW file is decoded by :func:`imgrank.images.raw.open_raw` (its
+    embedded preview when at least ``min_side``, else a half-size demosaic).
+
     Args:
         path: the file.
         min_side: when set, a JPEG may be decoded at reduced size (DCT scaling,
@@ -200,6 +215,8 @@ def open_image(
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if is_raw(path):
+        return open_raw(path, min_side=min_side, max_pixels=max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
