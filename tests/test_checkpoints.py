@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from imgrank.cli import app
-from imgrank.errors import AdapterMismatchError, ModelError, UnsafeOperationError
+from imgrank.errors import OutputWriteError, AdapterMismatchError, ModelError, UnsafeOperationError
 from imgrank.models.adapter import AdapterConfig, RankingAdapter
 from imgrank.models.backbone import BackboneSpec, PreprocessConfig
 from imgrank.models.checkpoints import (
@@ -154,7 +154,8 @@ def test_a_failed_write_leaves_no_partial_folder(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoints, "_save_tensors", full_disk)
-    with pytest.raises(OSError):
+    # A message naming the folder (no traceback), and no half-written folder.
+    with pytest.raises(OutputWriteError, match="out: No space left on device"):
         save_model_folder(
             tmp_path / "out", tiny_adapter(), BackboneSpec(model=str(TINY_MODEL), pretrained="none")
         )

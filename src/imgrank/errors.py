@@ -62,6 +62,15 @@ class UnsafeOperationError(ImgrankError):
     exit_code = 6
 
 
+class OutputWriteError(ImgrankError):
+    """An output file or folder cannot be written (disk full, read-only, permissions).
+
+    Nothing half-written is left behind; the message names the file.
+    """
+
+    exit_code = 1
+
+
 class UnfinishedRunError(UnsafeOperationError):
     """An interrupted rename run must be recovered before anything else writes."""
 

@@ -156,13 +156,8 @@ def sort(
 
         imgrank sort ./photos --by "sharpness" --format paths --top 20 | xargs -d '\\n' ls -l
     """
-    from imgrank.files.writers import (
-        check_new_file,
-        materialize,
-        new_file,
-        write_errors_csv,
-        write_ranking,
-    )
+    from imgrank.files.atomic import atomic_file, check_new_file
+    from imgrank.files.writers import materialize, write_errors_csv, write_ranking
     from imgrank.sorter import SortCallbacks, SortRequest, sort_folder
 
     if fmt not in FORMATS:
@@ -203,7 +198,7 @@ def sort(
     # Output files that would be refused are refused now, not after minutes of work.
     for target in (output, errors):
         if target is not None:
-            check_new_file(target, overwrite=force)
+            check_new_file(target, replace=force)
     if report is not None:
         from imgrank.report.html import check_report_destination
 
@@ -240,14 +235,14 @@ def sort(
                 progress.stop()
             if errors is not None:
                 # Written even when the run ends with no image ranked: that is when it matters most.
-                with new_file(errors, overwrite=force) as stream:
+                with atomic_file(errors, replace=force) as stream:
                     write_errors_csv(skipped, stream)
         if rename:  # first, so the ranking, links and copies name the files as they now are
             ranking.items = rename_after_sort(
                 ranking.items, folder, prompt=by, template=name_template, apply=apply, quiet=quiet
             )
         if output is not None:
-            with new_file(output, overwrite=force) as stream:
+            with atomic_file(output, replace=force) as stream:
                 write_ranking(ranking.items, stream, fmt, null=null)
         elif not rename:  # with --rename, stdout shows the plan instead
             write_ranking(ranking.items, sys.stdout.buffer, fmt, null=null)

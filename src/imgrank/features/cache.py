@@ -223,25 +223,6 @@ def _unique_aside_name(path: Path, label: str) -> Path:
     return candidate
 
 
-def _move_without_replacing(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``, never replacing an existing ``target``.
-
-    A hard link followed by an unlink fails instead of overwriting; on file
-    systems without hard links, rename after checking (the target name carries
-    a timestamp, so a race is practically impossible).
-    """
-    try:
-        os.link(source, target)
-    except FileExistsError:
-        raise
-    except OSError:
-        if target.exists():
-            raise FileExistsError(target) from None
-        os.rename(source, target)
-        return
-    os.unlink(source)
-
-
 def _classify(path: Path) -> tuple[str, int | None]:
     """Tell what the file at ``path`` is, without changing it.
 
@@ -773,11 +754,19 @@ def _retry_busy(action: Callable[[], object], attempts: int = 50) -> object:
 
 
 def _move_aside(path: Path, label: str) -> Path:
+    from imgrank.errors import UnsafeOperationError
+    from imgrank.files.atomic import move_into_place
+
     aside = _unique_aside_name(path, label)
     try:
         for source, target in zip(_side_files(path), _side_files(aside), strict=True):
             if source.exists():
-                _move_without_replacing(source, target)
+                move_into_place(source, target)  # never replaces (the name carries a stamp)
+    except UnsafeOperationError as exc:
+        raise CacheError(
+            f"the embedding cache {path} is not usable and could not be moved aside ({exc}). "
+            "Move or delete it yourself, pick another file with --cache, or use --no-cache."
+        ) from None
     except OSError as exc:
         raise CacheError(
             f"the embedding cache {path} is not usable and could not be moved aside "

@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 from imgrank import __version__
 from imgrank.errors import UnfinishedRunError, UnsafeOperationError
+from imgrank.files.atomic import fsync_folder
 
 try:  # POSIX only; on other systems a live run cannot be told from an interrupted one.
     import fcntl
@@ -240,20 +241,6 @@ def _encode(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode("ascii")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a directory's entries (a new or renamed file) durable, where the OS allows it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the data fsyncs still hold
-    finally:
-        os.close(fd)
-
-
 class JournalWriter:
     """Appends to one run's journal, fsyncing each record, holding the run's lock."""
 
@@ -321,7 +308,7 @@ class JournalWriter:
                 os.unlink(path)  # imgrank's own file: no rename has happened yet
             raise
         # The journal's own directory entry must survive a power loss too.
-        _fsync_dir(directory)
+        fsync_folder(directory)
         return writer
 
     def _write(self, data: bytes) -> None:

@@ -140,10 +140,10 @@ def _identity_problem(path: Path, expected: FileIdentity, *, strict: bool) -> st
 
 
 def _fsync_folders(folders: Iterable[Path]) -> None:
-    from imgrank.files.journal import _fsync_dir
+    from imgrank.files.atomic import fsync_folder
 
     for folder in set(folders):
-        _fsync_dir(folder)
+        fsync_folder(folder)
 
 
 def _execute(writer: JournalWriter, steps: list[StepRecord], moves: list[Move]) -> None:

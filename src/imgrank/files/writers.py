@@ -6,9 +6,11 @@ back the same way, so a non-UTF-8 name survives ``imgrank sort | xargs``.
 (In JSON lines such a name appears as ``\\udcXX`` escapes, which decode back to
 the same string, since JSON text must be Unicode.)
 
-No writer overwrites or deletes an existing file: targets are opened with
-``O_EXCL`` (files, copies) or created by ``symlink`` (which refuses existing
-paths), and every target is checked before the first one is written.
+No writer overwrites or deletes an existing file: output files go through
+:mod:`imgrank.files.atomic` (written whole, moved into place without
+replacing), copies are opened with ``O_EXCL`` and links created by
+``symlink`` (which refuses existing paths), and every target is checked
+before the first one is written.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ import io
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -87,62 +87,6 @@ def write_ranking(
         write_paths(items, stream, null=null)
     else:
         raise ValueError(f"unknown format {fmt!r}")
-
-
-def check_new_file(path: Path, *, overwrite: bool = False) -> None:
-    """Refuse early (before minutes of work) an output file that cannot or must not be written.
-
-    Raises:
-        UnsafeOperationError: ``path`` exists and ``overwrite`` is False, is a
-            folder, or its folder does not exist.
-    """
-    if path.is_dir():
-        raise UnsafeOperationError(f"{path} is a folder; give a file name")
-    if os.path.lexists(path) and not overwrite:
-        raise UnsafeOperationError(
-            f"{path} already exists; imgrank never overwrites a file unless --force is given"
-        )
-    if not path.absolute().parent.is_dir():
-        raise UnsafeOperationError(f"cannot write {path}: its folder does not exist")
-
-
-@contextmanager
-def new_file(path: Path, *, overwrite: bool = False) -> Iterator[BinaryIO]:
-    """Write ``path`` all at once: into a temporary file beside it, moved into place on success.
-
-    A failed or interrupted run therefore leaves neither a half-written nor an
-    empty file, and with ``overwrite`` the previous file stays intact until the
-    new one is complete. Without ``overwrite`` the file is put in place with a
-    hard link, which fails rather than replaces if the name appeared meanwhile.
-
-    Raises:
-        UnsafeOperationError: the file exists (and ``overwrite`` is False) or cannot be written.
-    """
-    check_new_file(path, overwrite=overwrite)
-    folder = path.absolute().parent
-    try:
-        handle, temporary = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".imgrank-partial", dir=folder
-        )
-    except OSError as exc:
-        raise UnsafeOperationError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                raise UnsafeOperationError(
-                    f"{path} appeared while imgrank was running; it was left untouched"
-                ) from None
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(temporary)
 
 
 def write_errors_csv(skipped: Iterable[SkippedFile], stream: BinaryIO) -> None:

@@ -325,8 +325,8 @@ def _remember_resolved(model_name: str, tag: str, path: Path) -> None:
     open_clip's registry of tags (see :mod:`imgrank.models.text_only`). Best effort:
     a memo that cannot be written only costs that shortcut.
     """
-    import tempfile
-
+    from imgrank.errors import ImgrankError
+    from imgrank.files.atomic import write_file
     from imgrank.paths import weights_dir
 
     memo = weights_dir() / "resolved.json"
@@ -338,11 +338,9 @@ def _remember_resolved(model_name: str, tag: str, path: Path) -> None:
         if known.get(key) == value:
             return
         known[key] = value
-        handle, temporary = tempfile.mkstemp(dir=memo.parent, prefix=".resolved.", suffix=".json")
-        with os.fdopen(handle, "w") as stream:
-            json.dump(known, stream, indent=1, sort_keys=True)
-        os.replace(temporary, memo)  # imgrank's own file: replaced whole, never half-written
-    except (OSError, ValueError):
+        # imgrank's own file: replaced whole, never half-written.
+        write_file(memo, json.dumps(known, indent=1, sort_keys=True), replace=True)
+    except (OSError, ValueError, ImgrankError):
         return
 
 

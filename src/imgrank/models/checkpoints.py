@@ -36,18 +36,16 @@ The small API the rest of imgrank uses: :class:`ModelFolder`,
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgrank.errors import AdapterMismatchError, ModelError, UnsafeOperationError
+from imgrank.errors import AdapterMismatchError, ModelError
+from imgrank.files.atomic import atomic_folder
 from imgrank.models.backbone import (
     OPENAI_MEAN,
     OPENAI_STD,
@@ -448,40 +446,6 @@ def load_adapter(folder: ModelFolder | str | Path, *, device: str = "cpu") -> Ra
 # writing a folder
 
 
-@contextlib.contextmanager
-def _new_folder(out: Path):  # type: ignore[no-untyped-def]
-    """Yield a temporary folder beside ``out`` that becomes ``out`` when the block succeeds.
-
-    ``out`` must not exist or be an empty folder: imgrank never overwrites a
-    user's files. Half-written folders never appear under ``out``'s name.
-    """
-    out = out.expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UnsafeOperationError(
-            f"{out} already exists and is not an empty folder; imgrank never overwrites files: "
-            "choose another output folder or remove that one yourself"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield tmp
-        # mkdtemp (and safetensors) create private files; a model folder gets
-        # the user's usual permissions instead.
-        os.chmod(tmp, 0o777 & ~umask)
-        for child in tmp.iterdir():
-            os.chmod(child, 0o666 & ~umask)
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
-        if out.exists():
-            out.rmdir()  # empty (checked above); fails loudly if something appeared meanwhile
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -499,6 +463,7 @@ def save_model_folder(
     target_range: tuple[float, float] | None = None,
     source: dict[str, Any] | None = None,
     backbone_weights: dict[str, torch.Tensor] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> ModelFolder:
     """Write a model folder and return it as :func:`load_model_folder` reads it back.
 
@@ -514,6 +479,8 @@ def save_model_folder(
         target_range: ``(low, high)`` of the training targets, when known.
         source: Provenance to record (informational).
         backbone_weights: CLIP weights to keep in the folder instead of ``backbone.pretrained``.
+        extra_files: More text files to write into the folder (name: content),
+            part of the folder from the moment it appears under its name.
 
     Raises:
         UnsafeOperationError: ``out`` exists and is not empty.
@@ -554,12 +521,14 @@ def save_model_folder(
         "source": source or {},
     }
     out_path = Path(out)
-    with _new_folder(out_path) as tmp:
+    with atomic_folder(out_path) as tmp:
         _save_tensors(adapter.state_dict(), tmp / ADAPTER_FILE)
         if backbone_weights is not None:
             clip_only = {k: v for k, v in backbone_weights.items() if not k.startswith("adapter.")}
             _save_tensors(clip_only, tmp / BACKBONE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(content, encoding="utf-8")
     return load_model_folder(out_path)
 
 

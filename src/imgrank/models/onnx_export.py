@@ -29,8 +29,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgrank import __version__
-from imgrank.errors import ModelError, UnsafeOperationError, UsageError
+from imgrank.errors import ModelError, UsageError
 from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
 from imgrank.models.onnx_runtime import (
     ADAPTER_FILE,
@@ -379,43 +377,13 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _prepare_out(out: Path) -> Path:
-    """Refuse an ``--out`` that holds anything; return a fresh work folder beside it."""
-    out = out.expanduser()
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or out.is_symlink():
-            raise UnsafeOperationError(
-                f"--out {out} exists and is not a folder; choose a new folder name"
-            )
-        if any(out.iterdir()):
-            raise UnsafeOperationError(
-                f"--out {out} is not empty; imgrank never overwrites files: choose a new or "
-                "empty folder"
-            )
-    parent = out.parent
-    if not parent.is_dir():
-        raise UsageError(f"--out {out}: the folder {parent} does not exist")
-    work = parent / f".{out.name}.partial-{os.getpid()}"
-    if work.exists():
-        raise UnsafeOperationError(
-            f"{work} is in the way (a leftover of a crashed export?); remove it"
-        )
-    work.mkdir()
-    return work
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that holds anything, or whose folder is missing, before any work."""
+    from imgrank.files.atomic import check_new_folder
 
-
-def _publish(work: Path, out: Path) -> None:
-    """Move the finished work folder to ``out`` without replacing anything with content."""
-    out = out.expanduser()
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    try:
-        os.rename(work, out)  # fails with ENOTEMPTY/EEXIST rather than replacing content
-    except OSError as exc:
-        raise UnsafeOperationError(
-            f"cannot move the export into {out}: {exc.strerror or exc} (did something appear "
-            f"there meanwhile?); the finished files are in {work}"
-        ) from None
+    check_new_folder(out, what="--out")
+    if not out.expanduser().absolute().parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.expanduser().parent} does not exist")
 
 
 def export_backbone(
@@ -457,8 +425,11 @@ def export_backbone(
             f"{backbone.name} uses a Hugging Face tokenizer; imgrank exports only models with "
             "open_clip's CLIP tokenizer"
         )
-    work = _prepare_out(out)
-    try:
+    from imgrank.files.atomic import atomic_folder
+
+    _check_out(out)
+    # Written into a fresh folder beside --out that takes its name only when complete.
+    with atomic_folder(out, what="--out") as work:
         result = _export_into(
             backbone,
             work,
@@ -469,11 +440,6 @@ def export_backbone(
             seed=seed,
             say=say,
         )
-        _publish(work, out)
-    except BaseException:
-        # Only the work folder this call created is removed: it holds nothing but our files.
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     result.folder = out.expanduser()
     return result
 
@@ -681,7 +647,7 @@ def export_model(
     from imgrank.models.backbone import load_backbone
 
     out = out.expanduser()
-    _prepare_out(out).rmdir()  # refuse a busy --out before minutes of loading
+    _check_out(out)  # refuse a busy --out before minutes of loading
     if adapter_dir is not None:
         backbone, adapter, info = _load_adapter_for_export(
             adapter_dir, model=model, pretrained=pretrained, warn=warn

@@ -26,7 +26,6 @@ import html
 import io
 import math
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgrank import __version__
-from imgrank.errors import ImageDecodeError, ImgrankError, UnsafeOperationError, UsageError
+from imgrank.errors import ImageDecodeError, UnsafeOperationError, UsageError
 from imgrank.images.decode import DEFAULT_MAX_PIXELS, open_image
 from imgrank.ranking import RankedImage, Ranking
 
@@ -533,77 +532,25 @@ def write_report(
         max_pixels=max_pixels,
         on_progress=on_progress,
     )
+    from imgrank.files.atomic import atomic_file
+
     try:
-        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
-            "w",
-            encoding="utf-8",
-            errors="replace",  # display_text already cleaned names; this is a last guard
-            newline="\n",
-            dir=destination.parent,
-            prefix=f".{display_text(destination.name)}.",
-            suffix=".tmp",
-            delete=False,
-        )
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write the report in {destination.parent}: {exc.strerror or exc}"
-        ) from None
-    temporary = Path(handle.name)
-    try:
-        with handle:
+        # Written under a temporary name, moved into place at the end; an earlier
+        # imgrank report (or, with overwrite, any file) may be replaced.
+        with atomic_file(
+            destination, replace=lambda found: _may_replace(found, overwrite=overwrite)
+        ) as stream:
+            text = io.TextIOWrapper(
+                stream,
+                encoding="utf-8",
+                errors="replace",  # display_text already cleaned names; this is a last guard
+                newline="\n",
+            )
             for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # Temporary files are private (0600); a report gets the usual permissions.
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        _move_into_place(temporary, destination, overwrite=overwrite)
-    except OSError as exc:
-        chunks.close()
-        temporary.unlink(missing_ok=True)
-        raise ImgrankError(
-            f"cannot write the report {destination}: {exc.strerror or exc}"
-        ) from None
-    except BaseException:
+                text.write(chunk)
+            text.flush()
+            text.detach()
+    finally:
         chunks.close()  # stops the thumbnail threads now, not when garbage-collected
-        temporary.unlink(missing_ok=True)
-        raise
     return destination
 
-
-def _current_umask() -> int:
-    # Reading the umask means setting it; the thumbnail threads are done by now.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _move_into_place(temporary: Path, destination: Path, *, overwrite: bool) -> None:
-    """Give the finished file its name, never replacing a file it may not replace."""
-    if destination.exists() or destination.is_symlink():
-        # Checked again now: the name may have been taken while thumbnails were made.
-        if not _may_replace(destination, overwrite=overwrite):
-            raise UnsafeOperationError(
-                f"{destination} appeared while the report was being written and is not an "
-                "imgrank report; it was left alone: choose another name for --report"
-            )
-        os.replace(temporary, destination)
-        return
-    try:
-        # A hard link fails if the name was taken meanwhile, unlike a rename.
-        os.link(temporary, destination)
-    except FileExistsError:
-        raise UnsafeOperationError(
-            f"{destination} appeared while the report was being written; it was left alone: "
-            "choose another name for --report"
-        ) from None
-    except OSError:
-        # File systems without hard links (some network and FAT drives): the
-        # name was free a moment ago, so a rename is the best that remains.
-        if destination.exists() or destination.is_symlink():
-            raise UnsafeOperationError(
-                f"{destination} appeared while the report was being written; it was left alone"
-            ) from None
-        os.replace(temporary, destination)
-        return
-    temporary.unlink()

@@ -518,18 +518,28 @@ def write_label_table(path: Path, rows: Iterable[LabelRow]) -> None:
     Raises:
         DataError: the file exists.
     """
+    import io
     import os
 
+    from imgrank.errors import UnsafeOperationError
+    from imgrank.files.atomic import atomic_file
+
     path = Path(path)
-    if path.exists():
+    if os.path.lexists(path):
         raise DataError(f"{path} already exists; imgrank never overwrites a file")
     base = path.resolve().parent
-    with path.open("x", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(["filepath", "title", "cname", "value"])
-        for row in rows:
-            try:
-                shown = os.path.relpath(row.path, base)
-            except ValueError:  # another drive on Windows
-                shown = str(row.path)
-            writer.writerow([shown, row.prompt, row.group, f"{row.value:g}"])
+    try:
+        with atomic_file(path) as stream:
+            handle = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(["filepath", "title", "cname", "value"])
+            for row in rows:
+                try:
+                    shown = os.path.relpath(row.path, base)
+                except ValueError:  # another drive on Windows
+                    shown = str(row.path)
+                writer.writerow([shown, row.prompt, row.group, f"{row.value:g}"])
+            handle.flush()
+            handle.detach()
+    except UnsafeOperationError as exc:  # the name was taken while writing
+        raise DataError(str(exc)) from None

@@ -725,10 +725,8 @@ def train_adapter(
             "data": str(labels.source),
             "best_epoch": best.epoch,
         },
+        extra_files={SUMMARY_FILE: json.dumps(summary, indent=2) + "\n"},
     )
-    with open(folder.path / SUMMARY_FILE, "x", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-        handle.write("\n")
     return TrainResult(
         out=folder.path,
         best_epoch=best.epoch,
