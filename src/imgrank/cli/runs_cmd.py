@@ -71,7 +71,7 @@ def runs(
                 "state": _state(run, undone_by),
                 "status": run.status,
                 "outcome": run.outcome,
-                "files": len(run.steps),
+                "files": len(run.steps) + len(run.sidecars),
                 "folder": run.folder,
                 "prompt": run.prompt,
                 "undoes": run.undoes,
@@ -89,7 +89,7 @@ def runs(
             run.run_id,
             run.created[:19].replace("T", " "),
             _state(run, undone_by),
-            str(len(run.steps)),
+            str(len(run.steps) + len(run.sidecars)),
             run.folder,
             run.prompt,
         )
@@ -120,7 +120,12 @@ def undo(
     if last == (run_id is not None):
         raise UsageError("give either a RUN_ID or --last (see `imgrank runs`)")
     result = undo_run(run_id)
-    if not quiet:
+    if not quiet and result.sidecars:
+        err_console.print(
+            f"gave {result.sidecars} XMP sidecar(s) their earlier content back, removing the ones "
+            f"imgrank had created (undo run {result.run_id})"
+        )
+    elif not quiet:
         err_console.print(
             f"restored the original names of {result.renamed} file(s) (undo run {result.run_id})"
         )
@@ -153,6 +158,10 @@ def recover(
             )
         elif not report.problems:
             where = "their new names" if report.direction == "forward" else "their original names"
+            if report.sidecars:
+                where = "their new names and contents" if report.direction == "forward" else (
+                    "their original names and contents"
+                )
             err_console.print(
                 f"run {report.run_id} ({folder}): all {report.files} file(s) have {where}"
             )
@@ -228,7 +237,9 @@ def rename_after_sort(
     ]
 
 
-def validate_rename_options(rename: bool, apply: bool, template: str | None) -> None:
+def validate_rename_options(
+    rename: bool, apply: bool, template: str | None, *, xmp: bool = False
+) -> None:
     """Check ``--rename``/``--apply``/``--name-template`` before minutes of work; guard writes.
 
     Raises:
@@ -237,13 +248,14 @@ def validate_rename_options(rename: bool, apply: bool, template: str | None) -> 
     """
     from imgrank.files.name_template import NameTemplate
 
-    if apply and not rename:
+    if apply and not (rename or xmp):
         raise UsageError(
-            "--apply only applies to --rename (imgrank sort DIR --by TEXT --rename --apply)"
+            "--apply only applies to --rename or --xmp "
+            "(imgrank sort DIR --by TEXT --rename --apply)"
         )
     if template is not None:
         if not rename:
             raise UsageError("--name-template only applies to --rename")
         NameTemplate.parse(template)
-    if rename and apply:
+    if (rename or xmp) and apply:
         check_before_writing()

@@ -79,7 +79,10 @@ def sort(
         "instead of the ranking); changes nothing without --apply.",
     ),
     apply: bool = typer.Option(
-        False, "--apply", help="With --rename: do rename the photos (undo: `imgrank undo --last`)."
+        False,
+        "--apply",
+        help="With --rename: do rename the photos; with --xmp: do write the sidecars "
+        "(undo either: `imgrank undo --last`).",
     ),
     name_template: str | None = typer.Option(
         None,
@@ -138,6 +141,30 @@ def sort(
         "--providers",
         help="onnxruntime providers in order, e.g. cuda,cpu (default: CUDA if any, else CPU).",
     ),
+    xmp: str | None = typer.Option(
+        None,
+        "--xmp",
+        help="Show what XMP sidecars would get (file: field old -> new, on stdout instead of "
+        "the ranking); with --apply, write them. rating: xmp:Rating 5..1 by quintile; label: "
+        "xmp:Label for the top photos; pick: top accepted, the rest rejected. See docs/xmp.md.",
+    ),
+    xmp_scale: str | None = typer.Option(
+        None,
+        "--xmp-scale",
+        help="With --xmp rating: quintiles (default), percent:P5,P4,P3,P2,P1 (shares for 5..1 "
+        "stars) or score:T5,T4,T3,T2 (lowest score for 5..2 stars).",
+    ),
+    xmp_top: int | None = typer.Option(
+        None, "--xmp-top", help="With --xmp label/pick: how many photos are the top (default: 20%)."
+    ),
+    xmp_label: str | None = typer.Option(
+        None, "--xmp-label", help="With --xmp label: Red, Yellow, Green (default), Blue or Purple."
+    ),
+    xmp_sidecar: str = typer.Option(
+        "file",
+        "--xmp-sidecar",
+        help="file: IMG_1.CR2.xmp (darktable, digiKam); stem: IMG_1.xmp (Lightroom, Capture One).",
+    ),
     raw_pairs: str = typer.Option(
         "pair",
         "--raw-pairs",
@@ -166,7 +193,10 @@ def sort(
         raise UsageError("--null only applies to --format paths")
     from imgrank.cli.runs_cmd import rename_after_sort, validate_rename_options
 
-    validate_rename_options(rename, apply, name_template)
+    from imgrank.cli.xmp_step import check_xmp_options, xmp_after_sort
+
+    xmp_options = check_xmp_options(xmp, xmp_scale, xmp_top, xmp_label, xmp_sidecar)
+    validate_rename_options(rename, apply, name_template, xmp=xmp_options is not None)
     if any(target is not None for target in (link, copy, output, errors, report)):
         check_before_writing()  # no new files while an interrupted rename run is unsettled
     exclude = [p for p in (link, copy) if p is not None]
@@ -241,10 +271,12 @@ def sort(
             ranking.items = rename_after_sort(
                 ranking.items, folder, prompt=by, template=name_template, apply=apply, quiet=quiet
             )
+        if xmp_options is not None:  # after renaming, so sidecars carry the photos' new names
+            xmp_after_sort(ranking.items, folder, xmp_options, prompt=by, apply=apply, quiet=quiet)
         if output is not None:
             with atomic_file(output, replace=force) as stream:
                 write_ranking(ranking.items, stream, fmt, null=null)
-        elif not rename:  # with --rename, stdout shows the plan instead
+        elif not rename and xmp_options is None:  # with --rename/--xmp, stdout shows the plan
             write_ranking(ranking.items, sys.stdout.buffer, fmt, null=null)
         if link is not None:
             materialize(ranking.items, link, mode="link")

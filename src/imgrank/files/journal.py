@@ -58,7 +58,9 @@ TEMP_PREFIX = ".imgrank-"
 
 JOURNAL_SUFFIX = ".jsonl"
 
-RunKind = Literal["sort", "undo"]
+#: ``sort``: renames into rank order; ``xmp``: XMP sidecar writes (``sort --xmp``);
+#: ``undo``: puts back what a ``sort`` or ``xmp`` run did.
+RunKind = Literal["sort", "undo", "xmp"]
 #: Where a run's files ended up: ``applied`` (at their targets), ``restored``
 #: (back at their sources) or ``partial`` (some could not be put either way).
 Outcome = Literal["applied", "restored", "partial"]
@@ -167,6 +169,55 @@ class StepRecord:
         )
 
 
+@dataclass(frozen=True)
+class SidecarRecord:
+    """One XMP sidecar a run writes: its content goes from ``old`` to ``new``.
+
+    The contents are named by their SHA-256 (hex), and kept in the journal
+    folder's blob store (:mod:`imgrank.files.sidecars`) before the run begins,
+    so undo and recovery can always put either back byte for byte. None
+    means "no file": a sidecar imgrank creates has ``old`` None; an undo
+    that removes it has ``new`` None.
+
+    Attributes:
+        index: Position among the run's sidecars (0-based).
+        path: Absolute path of the sidecar.
+        photo: The photo it describes (for messages).
+        temp: The temporary name the new content is written to first.
+        old: SHA-256 of the content before the run, or None.
+        new: SHA-256 of the content after the run, or None.
+    """
+
+    index: int
+    path: Path
+    photo: Path
+    temp: Path
+    old: str | None
+    new: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "sidecar",
+            "index": self.index,
+            "path": str(self.path),
+            "photo": str(self.photo),
+            "temp": str(self.temp),
+            "old": self.old,
+            "new": self.new,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SidecarRecord:
+        return cls(
+            index=int(data["index"]),
+            path=Path(data["path"]),
+            photo=Path(data.get("photo") or data["path"]),
+            temp=Path(data["temp"]),
+            old=data.get("old"),
+            new=data.get("new"),
+        )
+
+
 @dataclass
 class RunRecord:
     """Everything a journal file says about one run.
@@ -185,6 +236,8 @@ class RunRecord:
         steps: The planned file moves.
         begun: The plan was complete on disk (renames may have started).
         moved: ``(step index, position)`` for each rename recorded as done.
+        sidecars: The planned XMP sidecar writes (``xmp`` runs and their undos).
+        written: Indices of the sidecars recorded as written.
         end: The closing record, or None if the run never finished.
         damaged_lines: Lines that could not be parsed (a cut last line, typically).
     """
@@ -202,6 +255,8 @@ class RunRecord:
     steps: list[StepRecord] = field(default_factory=list)
     begun: bool = False
     moved: list[tuple[int, str]] = field(default_factory=list)
+    sidecars: list[SidecarRecord] = field(default_factory=list)
+    written: list[int] = field(default_factory=list)
     end: dict[str, Any] | None = None
     damaged_lines: int = 0
 
@@ -261,6 +316,7 @@ class JournalWriter:
         template: str = "",
         undoes: str | None = None,
         directory: Path | None = None,
+        sidecars: list[SidecarRecord] | None = None,
     ) -> JournalWriter:
         """Write the header, every step and ``begin``, fsynced, before anything moves.
 
@@ -285,6 +341,7 @@ class JournalWriter:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "steps": len(steps),
+            "sidecars": len(sidecars or []),
         }
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -300,6 +357,7 @@ class JournalWriter:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             payload = _encode(header) + b"".join(_encode(s.to_json()) for s in steps)
+            payload += b"".join(_encode(s.to_json()) for s in sidecars or [])
             payload += _encode({"type": "begin"})
             writer._write(payload)
         except BaseException:
@@ -328,6 +386,10 @@ class JournalWriter:
     def record_moved(self, step: int, position: Position) -> None:
         """Record that step ``step``'s file now sits at ``position``."""
         self._write(_encode({"type": "moved", "step": step, "to": position}))
+
+    def record_written(self, sidecar: int) -> None:
+        """Record that sidecar ``sidecar`` now holds its ``new`` content."""
+        self._write(_encode({"type": "written", "sidecar": sidecar}))
 
     def finish(self, status: str, outcome: Outcome, problems: list[str] | None = None) -> None:
         """Close the run: after this line the journal no longer blocks other commands."""
@@ -434,6 +496,16 @@ def read_run(path: Path) -> RunRecord:
                 run.steps.append(StepRecord.from_json(record))
             except (KeyError, ValueError, TypeError):
                 damaged += 1
+        elif kind == "sidecar":
+            try:
+                run.sidecars.append(SidecarRecord.from_json(record))
+            except (KeyError, ValueError, TypeError):
+                damaged += 1
+        elif kind == "written":
+            try:
+                run.written.append(int(record["sidecar"]))
+            except (KeyError, ValueError, TypeError):
+                damaged += 1
         elif kind == "begin":
             run.begun = True
         elif kind == "moved":
@@ -537,11 +609,17 @@ def check_no_unfinished_run(directory: Path | None = None) -> None:
     for run in unfinished_runs(directory):
         if is_in_progress(run):
             raise _in_progress_error(run)
-        what = "rename" if run.kind == "sort" else "undo"
+        what = {"sort": "rename", "xmp": "XMP sidecar"}.get(run.kind, "undo")
+        effect = (
+            "some XMP sidecars may hold new values while others do not. Run `imgrank recover` "
+            "to give every sidecar its earlier content back"
+            if run.sidecars and not run.steps
+            else "some photos may still carry temporary or new names. Run `imgrank recover` "
+            "to put every file back under its original name"
+        )
         raise UnfinishedRunError(
             f"an earlier {what} run ({run.run_id}, in {run.folder}, started {run.created[:19]}) "
-            "was interrupted before it finished, so some photos may still carry temporary or "
-            "new names. Run `imgrank recover` to put every file back under its original name "
+            f"was interrupted before it finished, so {effect} "
             "(or `imgrank recover --forward` to finish the run) before imgrank changes "
             "anything else. "
             f"No file was lost; the journal is {run.path}."

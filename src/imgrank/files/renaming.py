@@ -83,11 +83,13 @@ class RunResult:
         run_id: The run's id (for ``imgrank undo RUN_ID``); None if nothing had to move.
         journal: The journal file, None if nothing had to move.
         renamed: How many files got a new name.
+        sidecars: How many XMP sidecars were put back (undo of an ``xmp`` run).
     """
 
     run_id: str | None
     journal: Path | None
     renamed: int
+    sidecars: int = 0
 
 
 def apply_plan(
@@ -311,7 +313,8 @@ def _undone_by(runs: list[RunRecord]) -> dict[str, str]:
 
 
 def undo(run_id: str | None = None, *, journal_dir: Path | None = None) -> RunResult:
-    """Give the files of a finished run their names back.
+    """Give the files of a finished run their names back (or, for an ``xmp`` run, its
+    sidecars their earlier content: :func:`imgrank.files.sidecars.undo_sidecar_run`).
 
     Args:
         run_id: The run (a unique prefix is enough); None for the latest
@@ -331,7 +334,7 @@ def undo(run_id: str | None = None, *, journal_dir: Path | None = None) -> RunRe
         candidates = [
             r
             for r in runs
-            if r.kind == "sort" and r.outcome == "applied" and r.run_id not in undone
+            if r.kind in ("sort", "xmp") and r.outcome == "applied" and r.run_id not in undone
         ]
         if not candidates:
             raise UnsafeOperationError(
@@ -340,7 +343,7 @@ def undo(run_id: str | None = None, *, journal_dir: Path | None = None) -> RunRe
         run = candidates[-1]
     else:
         run = find_run(run_id, journal_dir)
-        if run.kind != "sort":
+        if run.kind not in ("sort", "xmp"):
             raise UnsafeOperationError(
                 f"run {run.run_id} is itself an undo (of {run.undoes}); sort the folder again "
                 "instead"
@@ -355,6 +358,12 @@ def undo(run_id: str | None = None, *, journal_dir: Path | None = None) -> RunRe
                 f"(it was {run.status.replace('_', ' ')}); "
                 "there is nothing to undo"
             )
+
+    if run.kind == "xmp":
+        from imgrank.files.sidecars import undo_sidecar_run
+
+        result = undo_sidecar_run(run, journal_dir=journal_dir)
+        return RunResult(result.run_id, result.journal, 0, sidecars=result.written)
 
     problems = []
     identities: list[FileIdentity] = []
@@ -462,6 +471,7 @@ class RecoveryReport:
         problems: Files that could not be put in place, with where they are.
         started: Whether any rename had been started (False: the journal was
             written but nothing had moved yet).
+        sidecars: How many of ``files`` are XMP sidecars (an ``xmp`` run or its undo).
     """
 
     run_id: str
@@ -470,6 +480,7 @@ class RecoveryReport:
     files: int
     problems: list[str]
     started: bool
+    sidecars: int = 0
 
 
 def recover(*, forward: bool = False, journal_dir: Path | None = None) -> list[RecoveryReport]:
@@ -498,11 +509,25 @@ def recover(*, forward: bool = False, journal_dir: Path | None = None) -> list[R
             if not run.begun:
                 writer.finish("abandoned", "restored")
                 reports.append(
-                    RecoveryReport(run.run_id, run.folder, "back", len(run.steps), [], False)
+                    RecoveryReport(
+                        run.run_id,
+                        run.folder,
+                        "back",
+                        len(run.steps) + len(run.sidecars),
+                        [],
+                        False,
+                        len(run.sidecars),
+                    )
                 )
                 continue
             want: Literal["source", "target"] = "target" if forward else "source"
-            problems = _settle(run.steps, want, writer)
+            problems = _settle(run.steps, want, writer) if run.steps else []
+            if run.sidecars:
+                from imgrank.files.sidecars import settle_sidecars
+
+                problems += settle_sidecars(
+                    run, forward=forward, writer=writer, journal_dir=journal_dir
+                )
             outcome = ("applied" if forward else "restored") if not problems else "partial"
             writer.finish("recovered", outcome, problems)
             reports.append(
@@ -510,9 +535,10 @@ def recover(*, forward: bool = False, journal_dir: Path | None = None) -> list[R
                     run.run_id,
                     run.folder,
                     "forward" if forward else "back",
-                    len(run.steps),
+                    len(run.steps) + len(run.sidecars),
                     problems,
                     True,
+                    len(run.sidecars),
                 )
             )
     return reports
