@@ -17,6 +17,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("lxml", reason="lxml (imgrank's XMP library) is not installed")
+
 from conftest import PHOTOS, tiny_args
 from typer.testing import CliRunner
 
@@ -92,7 +95,7 @@ def test_an_attribute_rating_changes_in_place_and_every_other_byte_stays() -> No
     removed, added = changed_lines(DARKTABLE, new)
     assert removed == ['   xmp:Rating="1"']
     assert added[0] == '   xmp:Rating="5"'
-    assert len(added) == 2 and "imgrank:Rating=\"5\"" in added[1]  # one new Description line
+    assert len(added) == 2 and 'imgrank:Rating="5"' in added[1]  # one new Description line
     assert read_fields(new, [RATING, Field("imgrank", "Rating")]) == {
         RATING: "5",
         Field("imgrank", "Rating"): "5",
@@ -104,16 +107,37 @@ def test_exiftool_sidecars_keep_their_other_tags(tmp_path: Path) -> None:
     photo = tmp_path / "p.jpg"
     shutil.copy(PHOTOS / "chelsea.jpg", photo)
     subprocess.run(
-        [EXIFTOOL, "-q", "-overwrite_original", "-XMP:Rating=2", "-XMP-dc:Subject=cat",
-         "-XMP-lr:HierarchicalSubject=animals|cat", "-XMP:Creator=Ann", str(photo)],
+        [
+            EXIFTOOL,
+            "-q",
+            "-overwrite_original",
+            "-XMP:Rating=2",
+            "-XMP-dc:Subject=cat",
+            "-XMP-lr:HierarchicalSubject=animals|cat",
+            "-XMP:Creator=Ann",
+            str(photo),
+        ],
         check=True,
     )
     sidecar = tmp_path / "p.jpg.xmp"
     subprocess.run([EXIFTOOL, "-q", "-o", str(sidecar), str(photo)], check=True)
     before = sidecar.read_bytes()
     sidecar.write_bytes(set_fields(before, {RATING: "4", Field("digiKam", "PickLabel"): "3"}))
-    tags = exiftool(sidecar, "XMP:Rating", "XMP:PickLabel", "XMP:Subject", "XMP:HierarchicalSubject", "XMP:Creator")
-    assert tags == {"Rating": "4", "PickLabel": "3", "Subject": "cat", "HierarchicalSubject": "animals|cat", "Creator": "Ann"}
+    tags = exiftool(
+        sidecar,
+        "XMP:Rating",
+        "XMP:PickLabel",
+        "XMP:Subject",
+        "XMP:HierarchicalSubject",
+        "XMP:Creator",
+    )
+    assert tags == {
+        "Rating": "4",
+        "PickLabel": "3",
+        "Subject": "cat",
+        "HierarchicalSubject": "animals|cat",
+        "Creator": "Ann",
+    }
     removed, _ = changed_lines(before, sidecar.read_bytes())
     assert removed == ["  <xmp:Rating>2</xmp:Rating>"]  # exiftool's element form, edited in place
 
@@ -199,7 +223,7 @@ def test_sort_xmp_rating_dry_run_apply_exiftool_and_undo(shoot: Path) -> None:
     ratings = {p.name: exiftool(p, "XMP:Rating")["Rating"] for p in shoot.glob("*.xmp")}
     assert sorted(ratings.values()) == ["2", "3", "4", "5"]  # 4 photos: quintiles 5..2
     assert exiftool(shoot / "chelsea.jpg.xmp", "XMP:Subject")["Subject"] == "holiday"
-    assert b"darktable:operation=\"crop\"" in (shoot / "chelsea.jpg.xmp").read_bytes()
+    assert b'darktable:operation="crop"' in (shoot / "chelsea.jpg.xmp").read_bytes()
     for name in (n for n in before if n.endswith(".jpg")):  # photos are never written
         assert (shoot / name).read_bytes() == before[name]
 
@@ -301,14 +325,20 @@ def test_a_run_killed_half_way_is_settled_by_recover(shoot: Path, forward: bool)
     assert result.exit_code == 0, result.stderr
     if forward:
         assert not any(n.startswith(".imgrank-") for n in os.listdir(shoot))
-        assert all(read_fields((shoot / f"{p}.xmp").read_bytes(), [RATING])[RATING] == "4" for p in before if p.endswith(".jpg"))
+        assert all(
+            read_fields((shoot / f"{p}.xmp").read_bytes(), [RATING])[RATING] == "4"
+            for p in before
+            if p.endswith(".jpg")
+        )
     else:
         assert snapshot(shoot) == before  # every sidecar as it was, the new ones gone
     check_no_unfinished_run()
     assert runner.invoke(app, ["recover"]).exit_code == 0  # safe to run again
 
 
-def test_the_writer_keeps_xmp_work_on_the_calling_thread(shoot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_writer_keeps_xmp_work_on_the_calling_thread(
+    shoot: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import threading
 
     seen = set()
@@ -321,3 +351,42 @@ def test_the_writer_keeps_xmp_work_on_the_calling_thread(shoot: Path, monkeypatc
     monkeypatch.setattr(sidecars_module, "set_fields", spy)
     plan_sidecars([(p, {"xmp:Rating": "3"}) for p in sorted(shoot.glob("*.jpg"))])
     assert seen == {threading.get_ident()}
+
+
+# --- train reads what imgrank and others wrote -----------------------------------------------
+
+
+def test_train_reads_both_namings_and_leaves_out_imgranks_own_ratings(shoot: Path) -> None:
+    from imgrank.training.datasets import read_rated_folder
+
+    (shoot / "chelsea.jpg.xmp").unlink()
+    photos = sorted(shoot.glob("*.jpg"))  # astronaut, chelsea, coffee, rocket
+    apply_sidecar_plan(
+        plan_sidecars([(p, {"xmp:Rating": "4", "imgrank:Rating": "4"}) for p in photos[:3]]),
+        folder=shoot,
+    )
+    # The photographer changes one of imgrank's stars in darktable...
+    coffee = shoot / "coffee.jpg.xmp"
+    coffee.write_bytes(coffee.read_bytes().replace(b'xmp:Rating="4"', b'xmp:Rating="2"'))
+    # ...and rates another in Lightroom, whose sidecar is named after the stem.
+    (shoot / "rocket.xmp").write_bytes(set_fields(None, {RATING: "5"}))
+
+    labels = read_rated_folder(shoot, prompt="keepers")
+    assert {(r.path.name, r.value) for r in labels.rows} == {
+        ("coffee.jpg", 2.0),
+        ("rocket.jpg", 5.0),
+    }
+    assert labels.imgrank_rated == 2 and labels.unrated == 0
+    everything = read_rated_folder(shoot, prompt="keepers", include_imgrank_ratings=True)
+    assert len(everything.rows) == 4 and everything.imgrank_rated == 0
+
+
+def test_train_sees_a_raw_jpeg_pair_once_rated_from_the_raw_sidecar(tmp_path: Path) -> None:
+    from imgrank.training.datasets import read_rated_folder
+
+    shutil.copy(PHOTOS / "coffee.jpg", tmp_path / "IMG_1.jpg")
+    (tmp_path / "IMG_1.dng").write_bytes(b"raw data")  # its content is not read here
+    (tmp_path / "IMG_1.dng.xmp").write_bytes(set_fields(None, {RATING: "3"}))
+    labels = read_rated_folder(tmp_path, prompt="keepers")
+    assert [(r.path.name, r.value) for r in labels.rows] == [("IMG_1.jpg", 3.0)]
+    assert not labels.bad

@@ -50,6 +50,7 @@ _MISSING_MODULE_HINTS = {
     "onnxruntime": "pip install 'imgrank[onnx]' (or 'imgrank[gpu]' on an NVIDIA machine)",
     "onnx": "pip install 'imgrank[onnx]'",
     "tokenizers": "pip install 'imgrank[onnx]'",
+    "lxml": "pip install lxml (imgrank reads and writes XMP sidecars with it)",
 }
 
 

@@ -148,6 +148,11 @@ def _report_skips(labels: LabelSet, *, quiet: bool) -> None:
         )
     if labels.unrated and not quiet:
         err_console.print(f"{labels.unrated} unrated photo(s) left out")
+    if labels.imgrank_rated and not quiet:
+        err_console.print(
+            f"{labels.imgrank_rated} photo(s) rated by imgrank itself left out "
+            "(--include-imgrank-ratings to train on them)"
+        )
 
 
 @handle_errors
@@ -218,6 +223,12 @@ def train(
     workers: int | None = typer.Option(
         None, "--workers", help="Decode threads (default: one per core)."
     ),
+    include_imgrank_ratings: bool = typer.Option(
+        False,
+        "--include-imgrank-ratings",
+        help="Rated folder: also train on star ratings imgrank itself wrote (sort --xmp) "
+        "and nobody changed since; left out by default so imgrank does not learn its own guesses.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
 ) -> None:
     """Train a ranking adapter on your labels and save it as a model folder.
@@ -249,7 +260,7 @@ def train(
         variant=variant,  # type: ignore[arg-type]
     )
     settings.check()  # before reading thousands of files
-    labels = load_labels(data, prompt=prompt)
+    labels = load_labels(data, prompt=prompt, include_imgrank_ratings=include_imgrank_ratings)
     _report_skips(labels, quiet=quiet)
     with _Display(quiet=quiet) as display:
         result = train_adapter(

@@ -50,10 +50,18 @@ def check_xmp_options(
         if given or naming != "file":
             raise UsageError(f"{(given or ['--xmp-sidecar'])[0]} only applies with --xmp")
         return None
+    try:
+        import lxml  # noqa: F401  (checked now, not after minutes of ranking)
+    except ModuleNotFoundError:
+        raise UsageError(
+            "--xmp needs lxml, which imgrank reads and writes XMP sidecars with: pip install lxml"
+        ) from None
     if mode not in XMP_MODES:
         raise UsageError(f"--xmp must be one of {', '.join(XMP_MODES)}, not {mode!r}")
     if naming not in SIDECAR_NAMINGS:
-        raise UsageError(f"--xmp-sidecar must be one of {', '.join(SIDECAR_NAMINGS)}, not {naming!r}")
+        raise UsageError(
+            f"--xmp-sidecar must be one of {', '.join(SIDECAR_NAMINGS)}, not {naming!r}"
+        )
     if scale is not None and mode != "rating":
         raise UsageError("--xmp-scale applies to --xmp rating; use --xmp-top for label and pick")
     if top is not None and mode == "rating":

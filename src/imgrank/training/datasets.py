@@ -17,7 +17,11 @@ group, value)`` rows:
   (0x4746, written by Windows and many cameras). A sidecar wins because
   raw-workflow tools update it without touching the image. ``--prompt``
   says what the stars mean; all photos form one group. Unrated photos are
-  left out and counted.
+  left out and counted. A rating imgrank itself wrote (``sort --xmp``, which
+  records it again as ``imgrank:Rating``) is left out and counted too, unless
+  asked for, so imgrank is not taught its own guesses; a rating a person
+  changed afterwards differs from ``imgrank:Rating`` and is used. A RAW+JPEG
+  pair is one photo: trained on through the JPEG, rated from either sidecar.
 
 A row that cannot be used (missing file, a value that is not a number,
 later an image that cannot be decoded) becomes a :class:`BadRow` with its
@@ -36,6 +40,7 @@ from typing import Any, Literal
 from xml.etree import ElementTree
 
 from imgrank.errors import DataError
+from imgrank.images.raw import RAW_EXTENSIONS
 
 #: Accepted column names (lower-cased) for each field; the authors' names first.
 PATH_COLUMNS = ("filepath", "path")
@@ -48,13 +53,16 @@ TABLE_SUFFIXES = (".tsv", ".csv", ".tab", ".txt")
 
 #: The XMP basic namespace, which holds ``xmp:Rating``.
 XMP_NS = "http://ns.adobe.com/xap/1.0/"
+#: imgrank's own namespace: ``imgrank:Rating`` records a rating ``sort --xmp`` wrote.
+IMGRANK_XMP_NS = "urn:imgrank:xmp:1.0/"
 #: EXIF tags Windows writes: stars (0-5) and the same as a percentage.
 EXIF_RATING = 0x4746
 EXIF_RATING_PERCENT = 0x4749
 #: A sidecar larger than this is not an XMP sidecar (they are a few kB).
 MAX_SIDECAR_BYTES = 4 * 1024 * 1024
 
-RatingSource = Literal["sidecar", "xmp", "exif"]
+#: ``imgrank``: a sidecar rating imgrank wrote itself (see :func:`read_rating`).
+RatingSource = Literal["sidecar", "xmp", "exif", "imgrank"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,8 @@ class LabelSet:
         source: the table file or the rated folder.
         kind: ``table`` or ``rated-folder``.
         unrated: photos of a rated folder that carry no rating (left out).
+        imgrank_rated: photos whose rating imgrank wrote itself (left out unless
+            ``include_imgrank_ratings``).
     """
 
     rows: list[LabelRow]
@@ -112,6 +122,7 @@ class LabelSet:
     source: Path = Path(".")
     kind: Literal["table", "rated-folder"] = "table"
     unrated: int = 0
+    imgrank_rated: int = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -192,6 +203,7 @@ class LabelSet:
             "prompts": self.prompts(),
             "bad_rows": len(self.bad),
             "unrated": self.unrated,
+            "imgrank_rated": self.imgrank_rated,
         }
 
     def _bad_hint(self) -> str:
@@ -202,8 +214,15 @@ class LabelSet:
 
     def _nothing_usable_message(self) -> str:
         if self.kind == "rated-folder":
+            own = (
+                f", {self.imgrank_rated} rated by imgrank itself (--include-imgrank-ratings "
+                "to train on those)"
+                if self.imgrank_rated
+                else ""
+            )
             return (
-                f"{self.source}: no rated photo found ({self.unrated} unrated). Ratings are read "
+                f"{self.source}: no rated photo found ({self.unrated} unrated{own}). "
+                "Ratings are read "
                 "from XMP sidecars (photo.jpg.xmp or photo.xmp), embedded XMP (xmp:Rating) and the "
                 "EXIF Rating tag; rate some photos (0-5 stars) in your photo manager first."
                 + self._bad_hint()
@@ -211,20 +230,25 @@ class LabelSet:
         return f"{self.source}: no usable row." + self._bad_hint()
 
 
-def load_labels(source: Path, *, prompt: str | None = None) -> LabelSet:
+def load_labels(
+    source: Path, *, prompt: str | None = None, include_imgrank_ratings: bool = False
+) -> LabelSet:
     """Read a label table, or the ratings of a folder of photos.
 
     Args:
         source: a TSV/CSV file or a folder.
         prompt: for a folder, what the ratings mean (required); for a table, the
             prompt of rows without one.
+        include_imgrank_ratings: for a folder, also use ratings imgrank wrote itself.
 
     Raises:
         DataError: the source does not exist or cannot be read as labels.
     """
     source = Path(source).expanduser()
     if source.is_dir():
-        return read_rated_folder(source, prompt=prompt)
+        return read_rated_folder(
+            source, prompt=prompt, include_imgrank_ratings=include_imgrank_ratings
+        )
     if source.is_file():
         return read_label_table(source, prompt=prompt)
     raise DataError(f"{source} does not exist (expected a label table or a folder of rated photos)")
@@ -360,6 +384,38 @@ _DOCTYPE = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
 _RATING_FALLBACK = re.compile(rb"""xmp:Rating\s*(?:=\s*["']\s*([^"']*?)\s*["']|>\s*([^<]*?)\s*<)""")
 
 
+def _xmp_root(data: bytes) -> ElementTree.Element | None:
+    data = data.strip(b"\x00 \t\r\n")
+    if not data or _DOCTYPE.search(data):
+        return None
+    try:
+        return ElementTree.fromstring(data)
+    except ElementTree.ParseError:
+        return None
+
+
+def _xmp_property(root: ElementTree.Element, namespace: str, name: str) -> str | None:
+    key = f"{{{namespace}}}{name}"
+    for element in root.iter():
+        if key in element.attrib:
+            return element.attrib[key]
+        if element.tag == key:
+            return element.text or ""
+    return None
+
+
+def written_by_imgrank(packet: bytes, rating: float) -> bool:
+    """True when ``rating`` is the one imgrank wrote (``imgrank:Rating`` holds the same value)."""
+    root = _xmp_root(packet)
+    mark = None if root is None else _xmp_property(root, IMGRANK_XMP_NS, "Rating")
+    if mark is None:
+        return False
+    try:
+        return _rating_number(mark) == rating
+    except ValueError:
+        return False
+
+
 def rating_from_xmp(packet: bytes | str) -> float | None:
     """The ``xmp:Rating`` of an XMP packet, or None when it has none.
 
@@ -412,35 +468,51 @@ def _percent_to_stars(percent: float) -> float:
     return 0.0
 
 
-def sidecar_paths(image: Path) -> list[Path]:
+def sidecar_paths(image: Path, raw: Path | None = None) -> list[Path]:
     """Sidecars that may hold an image's rating, most specific first.
 
     ``photo.jpg.xmp`` names one file exactly (darktable, digiKam);
     ``photo.xmp`` (Lightroom) may be shared by ``photo.jpg`` and ``photo.cr2``.
+    With ``raw`` (the RAW of a RAW+JPEG pair), the RAW's own sidecar
+    (``photo.cr2.xmp``, where darktable keeps a RAW's rating) is looked at too.
     """
     candidates = []
-    for suffix in (".xmp", ".XMP"):
-        candidates.append(image.with_name(image.name + suffix))
+    for photo in (image,) if raw is None else (image, raw):
+        for suffix in (".xmp", ".XMP"):
+            candidates.append(photo.with_name(photo.name + suffix))
     for suffix in (".xmp", ".XMP"):
         candidates.append(image.with_suffix(suffix))
     return list(dict.fromkeys(candidates))
 
 
-def read_rating(image: Path) -> tuple[float, RatingSource] | None:
+def read_rating(
+    image: Path, *, raw: Path | None = None, include_imgrank: bool = True
+) -> tuple[float, RatingSource] | None:
     """The star rating of one photo and where it was found, or None when unrated.
+
+    Args:
+        image: The photo.
+        raw: Its RAW file, for a RAW+JPEG pair (whose sidecar is read too).
+        include_imgrank: False to return ``(rating, "imgrank")`` for a sidecar
+            rating imgrank wrote itself, so the caller can leave it out.
 
     Raises:
         ValueError: a rating is present but unusable (not a number), or the
             image cannot be opened to look for one.
     """
-    for sidecar in sidecar_paths(image):
+    for sidecar in sidecar_paths(image, raw):
         if not sidecar.is_file():
             continue
         if sidecar.stat().st_size > MAX_SIDECAR_BYTES:
             raise ValueError(f"sidecar {sidecar.name} is too large to be an XMP sidecar")
-        rating = rating_from_xmp(sidecar.read_bytes())
+        packet = sidecar.read_bytes()
+        rating = rating_from_xmp(packet)
         if rating is not None:
+            if not include_imgrank and written_by_imgrank(packet, rating):
+                return rating, "imgrank"
             return rating, "sidecar"
+    if image.suffix.lower() in RAW_EXTENSIONS:
+        return None  # Pillow cannot open a RAW to look for embedded XMP
 
     from PIL import Image, UnidentifiedImageError
 
@@ -463,7 +535,13 @@ def read_rating(image: Path) -> tuple[float, RatingSource] | None:
     return None
 
 
-def read_rated_folder(folder: Path, *, prompt: str | None, recursive: bool = True) -> LabelSet:
+def read_rated_folder(
+    folder: Path,
+    *,
+    prompt: str | None,
+    recursive: bool = True,
+    include_imgrank_ratings: bool = False,
+) -> LabelSet:
     """Every rated photo of a folder as a row valued by its stars (0-5).
 
     A rating of -1 (Lightroom's and darktable's "rejected") and values outside
@@ -474,6 +552,7 @@ def read_rated_folder(folder: Path, *, prompt: str | None, recursive: bool = Tru
         DataError: no prompt was given.
     """
     from imgrank.images.decode import find_images
+    from imgrank.images.raw import INSTALL_HINT, pair_raw_files
 
     folder = Path(folder).expanduser()
     if not prompt or not prompt.strip():
@@ -488,10 +567,15 @@ def read_rated_folder(folder: Path, *, prompt: str | None, recursive: bool = Tru
         bad.append(BadRow(None, str(path), reason))
 
     rows: list[LabelRow] = []
-    unrated = 0
-    for image in find_images(folder, recursive=recursive, on_skip=skipped):
+    unrated = own = 0
+    pairs = pair_raw_files(find_images(folder, recursive=recursive, on_skip=skipped))
+    for raw in pairs.unreadable:
+        bad.append(BadRow(None, str(raw), INSTALL_HINT))
+    for image in pairs.photos:
         try:
-            found = read_rating(image)
+            found = read_rating(
+                image, raw=pairs.raw_of.get(image), include_imgrank=include_imgrank_ratings
+            )
         except ValueError as exc:
             bad.append(BadRow(None, str(image), str(exc)))
             continue
@@ -499,6 +583,9 @@ def read_rated_folder(folder: Path, *, prompt: str | None, recursive: bool = Tru
             unrated += 1
             continue
         stars, where = found
+        if where == "imgrank":
+            own += 1
+            continue
         if stars == -1:
             bad.append(BadRow(None, str(image), f"marked rejected (rating -1, from {where})"))
             continue
@@ -508,7 +595,9 @@ def read_rated_folder(folder: Path, *, prompt: str | None, recursive: bool = Tru
             )
             continue
         rows.append(LabelRow(path=image.resolve(), prompt=prompt, group=prompt, value=stars))
-    return LabelSet(rows=rows, bad=bad, source=folder, kind="rated-folder", unrated=unrated)
+    return LabelSet(
+        rows=rows, bad=bad, source=folder, kind="rated-folder", unrated=unrated, imgrank_rated=own
+    )
 
 
 def write_label_table(path: Path, rows: Iterable[LabelRow]) -> None:
