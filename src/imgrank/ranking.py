@@ -76,6 +76,6 @@ def rank_scores(
     if top is not None:
         ordered = ordered[:top]
     return [
-        RankedImage(rank=i, score=score, path=path, raw=raw_of.get(path))
+        RankedImage(rank=i, score=score, path=path, raw=(raw_of or {}).get(path))
         for i, (path, score) in enumerate(ordered, 1)
     ]
