@@ -44,3 +44,23 @@ def photo_dir(tmp_path: Path) -> Path:
 def tiny_args(tiny_model: Path = TINY_MODEL) -> list[str]:
     """CLI arguments selecting the tiny random-weight model on the CPU."""
     return ["--model", str(tiny_model), "--pretrained", "none", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():  # type: ignore[no-untyped-def]
+    """ONE local Ray for the whole test session (starting Ray takes ~10 s on 2 busy cores).
+
+    Two CPUs whatever the machine: one decode task and one encode actor at a time, which
+    is what the ray-engine tests need, and it leaves the other helpers' cores alone.
+    """
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    pytest.importorskip("ray.data")
+    import logging
+
+    from imgrank.engines.ray import quiet_data_context
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    quiet_data_context()
+    yield ray
+    ray.shutdown()

@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from imgrank.errors import NoImagesRankedError, UsageError
 from imgrank.features.cache import EmbeddingCache
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE, ImageEncoder, PipelineStats, score_images
-from imgrank.images.decode import DEFAULT_MAX_PIXELS, find_images
+from imgrank.images.decode import DEFAULT_MAX_PIXELS
 from imgrank.images.raw import INSTALL_HINT, RAW_PAIR_MODES, pair_raw_files
+from imgrank.images.sources import Source, is_uri
 from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
 from imgrank.models.scoring import Scorer
 from imgrank.ranking import Ranking, SkippedFile, rank_scores
+
+ENGINES = ("local", "ray")
 
 
 @dataclass
 class SortRequest:
     """Everything ``imgrank sort`` needs to know."""
 
-    folder: Path
+    #: A folder, a single file, or a URI (``s3://``, ``file://``...) read through pyarrow.
+    folder: Path | str
     prompt: str
     against: str | None = None
     model: str = DEFAULT_MODEL
@@ -59,6 +63,13 @@ class SortRequest:
     #: ``pair``: a RAW with a same-stem JPEG twin is ranked once, through the twin;
     #: ``separate``: both are ranked as photos of their own (imgrank.images.raw).
     raw_pairs: str = "pair"
+    #: ``--paths-from``: a text, CSV or Parquet file naming the photos (instead of ``folder``).
+    paths_from: Path | None = None
+    #: ``local`` (this process) or ``ray`` (Ray Data; see :mod:`imgrank.engines.ray`).
+    engine: str = "local"
+    #: The ray engine's encode actor pool (None: imgrank.engines.ray.RayOptions defaults).
+    ray_actors: int | None = None
+    ray_cpus_per_actor: float | None = None
 
 
 @dataclass
@@ -84,18 +95,7 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
     from imgrank.models.onnx_runtime import wants_onnx
 
     callbacks = callbacks or SortCallbacks()
-    if not request.prompt.strip():
-        raise UsageError("--by needs a non-empty prompt, e.g. --by \"image quality\"")
-    if not request.folder.exists():
-        raise UsageError(f"{request.folder} does not exist")
-    if request.top is not None and request.top < 1:
-        raise UsageError("--top must be at least 1")
-    if request.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if request.cache is not None and not request.use_cache:
-        raise UsageError("--cache and --no-cache contradict each other; give one of them")
-    if request.raw_pairs not in RAW_PAIR_MODES:
-        raise UsageError(f"--raw-pairs must be one of {', '.join(RAW_PAIR_MODES)}, not {request.raw_pairs!r}")
+    validate_request(request)
     use_onnx = wants_onnx(request)  # checks the runtime options before any work
 
     started = time.perf_counter()
@@ -105,19 +105,24 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         skipped.append(item)
         callbacks.skip(item)
 
-    paths = find_images(
-        request.folder,
-        recursive=request.recursive,
-        include_hidden=request.include_hidden,
-        exclude=request.exclude,
-        on_skip=lambda path, reason: on_skip(SkippedFile(path, reason)),
-    )
-    pairs = pair_raw_files(paths, mode=request.raw_pairs)
-    for raw in pairs.unreadable:  # listed once each, before any model is loaded
-        on_skip(SkippedFile(raw, INSTALL_HINT))
-    paths = pairs.photos
+    paths = list_inputs(request, on_skip)
+    raw_of: dict[Path, Path] = {}
+    if not any(is_uri(path) for path in paths):  # RAW+JPEG pairs: local files only
+        pairs = pair_raw_files(paths, mode=request.raw_pairs)  # type: ignore[arg-type]
+        for raw in pairs.unreadable:  # listed once each, before any model is loaded
+            on_skip(SkippedFile(raw, INSTALL_HINT))
+        paths = list(pairs.photos)
+        raw_of = pairs.raw_of
     if not paths:
         raise NoImagesRankedError(_nothing_found_message(request, skipped))
+    if request.engine == "ray":
+        from imgrank.engines.ray import rank_on_ray
+
+        scored, scorer_name = rank_on_ray(request, paths, on_skip=on_skip, callbacks=callbacks)
+        return _ranking(request, scored, skipped, scorer_name, started, from_cache=0, raw_of=raw_of)
+    if any(is_uri(path) for path in paths):
+        # The SQLite cache keys files by stat(); objects in a store have no such identity here.
+        request = replace(request, use_cache=False)
 
     scorer: Scorer
     encoder: ImageEncoder
@@ -142,29 +147,114 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
     finally:
         if cache is not None:
             cache.close()  # writes the features still buffered
+    return _ranking(
+        request, scored, skipped, scorer.name, started, from_cache=stats.cache_hits, raw_of=raw_of
+    )
+
+
+def validate_request(request: SortRequest) -> None:
+    """Refuse inconsistent options before any work.
+
+    Raises:
+        UsageError: naming the option to change.
+    """
+    if not request.prompt.strip():
+        raise UsageError("--by needs a non-empty prompt, e.g. --by \"image quality\"")
+    if request.top is not None and request.top < 1:
+        raise UsageError("--top must be at least 1")
+    if request.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if request.cache is not None and not request.use_cache:
+        raise UsageError("--cache and --no-cache contradict each other; give one of them")
+    if request.raw_pairs not in RAW_PAIR_MODES:
+        raise UsageError(
+            f"--raw-pairs must be one of {', '.join(RAW_PAIR_MODES)}, not {request.raw_pairs!r}"
+        )
+    if request.engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {request.engine!r}")
+    if request.engine == "ray" and request.cache is not None:
+        raise UsageError(
+            "--cache is the local engine's SQLite cache; with --engine ray store features "
+            "once with `imgrank embed SRC --out DIR --engine ray` and sort DIR instead"
+        )
+    if request.ray_actors is not None and request.ray_actors < 1:
+        raise UsageError("--ray-actors must be at least 1")
+    if request.ray_cpus_per_actor is not None and request.ray_cpus_per_actor <= 0:
+        raise UsageError("--ray-cpus-per-actor must be more than 0")
+
+
+def list_inputs(request: SortRequest, on_skip: Callable[[SkippedFile], None]) -> list[Source]:
+    """The photos a request names: a folder's images, a URI's, or a ``--paths-from`` list.
+
+    Raises:
+        UsageError: the source does not exist or cannot be read.
+    """
+    from imgrank.images.sources import list_sources, missing_local_files, read_path_list
+
+    if request.paths_from is not None:
+        sources = read_path_list(request.paths_from)
+        missing = dict(missing_local_files(sources))
+        for source in sources:
+            if source in missing:
+                on_skip(SkippedFile(source, missing[source]))  # type: ignore[arg-type]
+        return [source for source in sources if source not in missing]
+    return list_sources(
+        request.folder,
+        recursive=request.recursive,
+        include_hidden=request.include_hidden,
+        exclude=request.exclude,
+        on_skip=lambda path, reason: on_skip(SkippedFile(path, reason)),  # type: ignore[arg-type]
+    )
+
+
+def _ranking(
+    request: SortRequest,
+    scored: list[tuple[Source, float]],
+    skipped: list[SkippedFile],
+    scorer_name: str,
+    started: float,
+    *,
+    from_cache: int,
+    raw_of: dict[Path, Path] | None = None,
+) -> Ranking:
+    """Order the scores (the same on every engine) into the run's :class:`Ranking`."""
     if not scored:
+        where = request.paths_from if request.paths_from is not None else request.folder
         raise NoImagesRankedError(
-            f"none of the {len(paths)} image files in {request.folder} could be read "
+            f"none of the image files in {where} could be read "
             f"({len(skipped)} skipped; see the reasons above)"
         )
     items = rank_scores(
-        scored, ascending=request.ascending, top=request.top, raw_of=pairs.raw_of
+        scored,  # type: ignore[arg-type]
+        ascending=request.ascending,
+        top=request.top,
+        raw_of=raw_of,
     )
     return Ranking(
         items=items,
         skipped=skipped,
         prompt=request.prompt,
-        scorer=scorer.name,
+        scorer=scorer_name,
         seconds=time.perf_counter() - started,
         scored=len(scored),
-        from_cache=stats.cache_hits,
+        from_cache=from_cache,
     )
+
+
+def load_encoder_and_scorer(
+    request: SortRequest, warn: Callable[[str], None] | None = None
+) -> tuple[ImageEncoder, Scorer]:
+    """The image encoder and scorer of a request, without a cache: what every ray actor loads."""
+    from imgrank.models.onnx_runtime import wants_onnx
+
+    callbacks = SortCallbacks(warn=warn or (lambda _message: None))
+    return _encoder_and_scorer(request, wants_onnx(request), [], None, callbacks)
 
 
 def _encoder_and_scorer(
     request: SortRequest,
     use_onnx: bool,
-    paths: list[Path],
+    paths: list[Source],
     cache: EmbeddingCache | None,
     callbacks: SortCallbacks,
 ) -> tuple[ImageEncoder, Scorer]:
@@ -225,6 +315,11 @@ def _encoder_and_scorer(
 def _nothing_found_message(request: SortRequest, skipped: list[SkippedFile]) -> str:
     from imgrank.images.decode import supported_extensions
 
+    if request.paths_from is not None:
+        return (
+            f"--paths-from {request.paths_from} names no file that exists "
+            f"({len(skipped)} listed file(s) missing; see above)"
+        )
     extensions = ", ".join(sorted(e.lstrip(".") for e in supported_extensions()))
     message = f"no image files found in {request.folder} (looked for {extensions}"
     if not request.recursive:

@@ -27,7 +27,13 @@ if TYPE_CHECKING:
 @handle_errors
 def sort(
     ctx: typer.Context,
-    folder: Path = typer.Argument(..., help="Folder of photos to rank (scanned recursively)."),
+    source: str | None = typer.Argument(
+        None,
+        metavar="SRC",
+        help="Folder of photos to rank (scanned recursively), a features dataset written by "
+        "`imgrank embed`, or a URI (s3://, gs://, hdfs://, file://) read through pyarrow.",
+        show_default=False,
+    ),
     by: str = typer.Option(..., "--by", "-b", help='What to sort by, e.g. "image quality".'),
     against: str | None = typer.Option(
         None,
@@ -171,8 +177,38 @@ def sort(
         help="pair: a RAW with a same-stem JPEG in its folder is ranked once, through the JPEG, "
         "and renamed/linked/copied with it; separate: rank both as photos of their own.",
     ),
+    paths_from: Path | None = typer.Option(
+        None,
+        "--paths-from",
+        help="Rank the files named in FILE instead of a folder: a text file with one path or "
+        "URI per line, or a CSV or Parquet file with a 'path' column.",
+    ),
+    engine: str = typer.Option(
+        "local",
+        "--engine",
+        help="local (this process) or ray (Ray Data: on this machine, or a cluster with "
+        "--ray-address). See docs/distributed.md.",
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="With --engine ray: join a running cluster (auto, or HOST:PORT) instead of "
+        "starting Ray on this machine.",
+    ),
+    ray_actors: int | None = typer.Option(
+        None,
+        "--ray-actors",
+        help="With --engine ray: encode actors, each loading the model once "
+        "(default: one per GPU, else one per 4 CPUs).",
+    ),
+    ray_cpus_per_actor: float | None = typer.Option(
+        None,
+        "--ray-cpus-per-actor",
+        help="With --engine ray: CPUs each encode actor reserves and uses as torch threads "
+        "(default: 1 with GPUs, else up to 4).",
+    ),
 ) -> None:
-    """Rank the photos of FOLDER by how well they match --by, best first.
+    """Rank the photos of SRC by how well they match --by, best first.
 
     The ranking goes to stdout (or --output) as CSV, JSON lines or plain paths;
     progress and a summary go to stderr when it is a terminal.
@@ -182,10 +218,13 @@ def sort(
         imgrank sort ./photos --by "image quality" > ranking.csv
 
         imgrank sort ./photos --by "sharpness" --format paths --top 20 | xargs -d '\\n' ls -l
+
+        imgrank sort s3://bucket/photos --by "image quality" --engine ray --ray-address auto
     """
     from imgrank.files.atomic import atomic_file, check_new_file
     from imgrank.files.writers import materialize, write_errors_csv, write_ranking
-    from imgrank.sorter import SortCallbacks, SortRequest, sort_folder
+    from imgrank.images.sources import is_uri
+    from imgrank.sorter import SortCallbacks, SortRequest, sort_folder, validate_request
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -197,6 +236,20 @@ def sort(
 
     xmp_options = check_xmp_options(xmp, xmp_scale, xmp_top, xmp_label, xmp_sidecar)
     validate_rename_options(rename, apply, name_template, xmp=xmp_options is not None)
+    folder = _source_argument(source, paths_from)
+    if engine == "ray":
+        local_only = [name for name, given in (("--rename", rename), ("--link", link is not None),
+                      ("--copy", copy is not None), ("--xmp", xmp is not None)) if given]  # fmt: skip
+        if local_only:
+            raise UsageError(
+                f"{', '.join(local_only)} change files on this machine, so they work with the "
+                "local engine only; run without --engine ray, or write the ranking with "
+                "--format paths -o FILE and act on it"
+            )
+    elif ray_address is not None or ray_actors is not None or ray_cpus_per_actor is not None:
+        raise UsageError("--ray-address, --ray-actors and --ray-cpus-per-actor need --engine ray")
+    if rename and (paths_from is not None or is_uri(folder)):
+        raise UsageError("--rename renames the photos of one local folder; give a folder as SRC")
     if any(target is not None for target in (link, copy, output, errors, report)):
         check_before_writing()  # no new files while an interrupted rename run is unsettled
     exclude = [p for p in (link, copy) if p is not None]
@@ -224,7 +277,12 @@ def sort(
         onnx=onnx,
         providers=providers,
         raw_pairs=raw_pairs,
+        paths_from=paths_from,
+        engine=engine,
+        ray_actors=ray_actors,
+        ray_cpus_per_actor=ray_cpus_per_actor,
     )
+    validate_request(request)
     # Output files that would be refused are refused now, not after minutes of work.
     for target in (output, errors):
         if target is not None:
@@ -259,6 +317,10 @@ def sort(
             warn=lambda message: warn(message, quiet=quiet), skip=skip, found=found, advance=advance
         )
         try:
+            if engine == "ray":  # after every check: starting Ray takes seconds
+                from imgrank.engines.ray import connect
+
+                connect(ray_address, quiet=True)
             ranking = sort_folder(request, callbacks)
         finally:
             if progress is not None:
@@ -312,6 +374,19 @@ def sort(
             f"in {ranking.seconds:.1f} s with {escape(ranking.scorer)}"
         )
 
+
+
+def _source_argument(source: str | None, paths_from: Path | None) -> Path | str:
+    """SRC as a local path, or as the URI string it is (``Path`` would fold ``s3://``)."""
+    from imgrank.images.sources import is_uri
+
+    if paths_from is not None:
+        if source is not None:
+            raise UsageError("give either SRC or --paths-from FILE, not both")
+        return paths_from
+    if source is None:
+        raise UsageError("give the folder to sort (SRC), or --paths-from FILE")
+    return source if is_uri(source) else Path(source)
 
 
 def _progress(*, enabled: bool) -> Progress | None:

@@ -179,6 +179,13 @@ def decode_for_model(
     return to_normalized_array(resize_for_model(image, preprocess), preprocess)
 
 
+def skip_reason(exc: Exception) -> str:
+    """Why a file whose decode raised ``exc`` is skipped: the same words on every engine."""
+    if isinstance(exc, ImageDecodeError):
+        return exc.reason
+    return f"unexpected error: {type(exc).__name__}: {exc}"
+
+
 def decode_batches(
     paths: Iterable[Path],
     preprocess: PreprocessConfig,
@@ -234,12 +241,9 @@ def decode_batches(
                 waited = time.perf_counter()
                 try:
                     pixels, cpu_seconds = future.result()
-                except ImageDecodeError as exc:
-                    if on_skip is not None:
-                        on_skip(SkippedFile(path, exc.reason))
                 except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
                     if on_skip is not None:
-                        on_skip(SkippedFile(path, f"unexpected error: {type(exc).__name__}: {exc}"))
+                        on_skip(SkippedFile(path, skip_reason(exc)))
                 else:
                     batch_indices.append(index)
                     batch_paths.append(path)

@@ -10,6 +10,7 @@ run without torch.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -192,7 +193,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_image(
-    path: Path,
+    path: Path | str,
     *,
     min_side: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -215,18 +216,23 @@ def open_image(
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if is_raw(path):
+    from imgrank.images.sources import is_uri, open_source
+
+    if not is_uri(path) and is_raw(path):
         return open_raw(path, min_side=min_side, max_pixels=max_pixels)
+    # A URI (s3://, gs://, file://...) is read through pyarrow; the decode is the same.
+    readable = open_source(path) if is_uri(path) else path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(readable)
     except FileNotFoundError:
         raise ImageDecodeError(path, "file disappeared before it could be read") from None
     except PermissionError:
         raise ImageDecodeError(path, "permission denied") from None
     except UnidentifiedImageError:
-        reason = "empty file (0 bytes)" if _size(path) == 0 else "not an image Pillow can read"
+        size = readable.getbuffer().nbytes if isinstance(readable, io.BytesIO) else _size(path)
+        reason = "empty file (0 bytes)" if size == 0 else "not an image Pillow can read"
         raise ImageDecodeError(path, reason) from None
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(path, f"refused as a decompression bomb ({exc})") from None
@@ -260,7 +266,7 @@ def open_image(
 
 def _size(path: Path) -> int:
     try:
-        return path.stat().st_size
+        return os.stat(path).st_size
     except OSError:
         return -1
 

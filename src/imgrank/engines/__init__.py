@@ -1,0 +1,1 @@
+"""Where a run's work happens: ``local`` (this process, imgrank.features.pipeline) or ``ray``."""
