@@ -60,7 +60,13 @@ def ray_session():  # type: ignore[no-untyped-def]
     from imgrank.engines.ray import quiet_data_context
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(
+            address="local",  # never a cluster some `ray start` left on this machine
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+        )
     quiet_data_context()
     yield ray
     ray.shutdown()

@@ -46,7 +46,9 @@ def jsonl(stdout: str) -> list[dict]:  # type: ignore[type-arg]
 # --- refused before Ray starts ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra", [["--rename"], ["--link", "L"], ["--copy", "C"]])
+@pytest.mark.parametrize(
+    "extra", [["--rename"], ["--link", "L"], ["--copy", "C"], ["--xmp", "rating"]]
+)
 def test_file_changing_options_are_local_only(photo_dir: Path, extra: list[str]) -> None:
     result = cli("sort", str(photo_dir), "--by", "x", "--engine", "ray", *extra)
     assert result.exit_code == 2
@@ -163,3 +165,35 @@ def test_encode_work_runs_on_both_nodes_of_a_two_node_cluster(
     local = cli("sort", str(photo_dir), "--by", "image quality", "--format", "jsonl", "--no-cache")
     for row in jsonl(local.stdout):
         assert report["scored"][row["path"]] == pytest.approx(row["score"], abs=1e-5)
+
+
+# --- stage sizes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        ({"CPU": 2.0}, (1, 1.0, 0.0)),  # this machine: one actor, one CPU left to decode
+        ({"CPU": 64.0}, (10, 4.0, 0.0)),  # 2/3 of the CPUs encode, the rest decode
+        ({"CPU": 16.0, "GPU": 4.0}, (4, 1.0, 1.0)),  # one actor per GPU
+    ],
+)
+def test_default_pool_sizes_leave_cpus_for_decoding(
+    monkeypatch: pytest.MonkeyPatch, resources: dict[str, float], expected: tuple
+) -> None:  # type: ignore[type-arg]
+    ray = pytest.importorskip("ray")
+    from imgrank.engines.ray import RayOptions
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    got = RayOptions().resolved()
+    assert (got.actors, got.cpus_per_actor, got.gpus_per_actor) == expected
+
+
+def test_a_pool_that_starves_decoding_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    ray = pytest.importorskip("ray")
+    from imgrank.engines.ray import RayOptions
+    from imgrank.errors import UsageError
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(UsageError, match="leave no CPU of the cluster's 2 for decoding"):
+        RayOptions(actors=2, cpus_per_actor=1).resolved()

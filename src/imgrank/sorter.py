@@ -12,8 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from imgrank.errors import NoImagesRankedError, UsageError
 from imgrank.features.cache import EmbeddingCache
+from imgrank.features.parquet import is_dataset
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE, ImageEncoder, PipelineStats, score_images
 from imgrank.images.decode import DEFAULT_MAX_PIXELS
 from imgrank.images.raw import INSTALL_HINT, RAW_PAIR_MODES, pair_raw_files
@@ -105,6 +108,8 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         skipped.append(item)
         callbacks.skip(item)
 
+    if request.paths_from is None and is_dataset(request.folder):
+        return _rank_dataset(request, callbacks, started)
     paths = list_inputs(request, on_skip)
     raw_of: dict[Path, Path] = {}
     if not any(is_uri(path) for path in paths):  # RAW+JPEG pairs: local files only
@@ -239,6 +244,65 @@ def _ranking(
         scored=len(scored),
         from_cache=from_cache,
     )
+
+
+def _rank_dataset(request: SortRequest, callbacks: SortCallbacks, started: float) -> Ranking:
+    """Rank from the stored features of a dataset written by ``imgrank embed``: nothing decoded.
+
+    Raises:
+        ModelError: the dataset was embedded with another backbone or preprocessing.
+        UsageError: the scorer needs visual tokens the dataset does not store.
+    """
+    from imgrank.errors import ModelError
+    from imgrank.features.parquet import iter_stored, read_info, shard_files
+    from imgrank.features.pipeline import cache_fingerprint, describe_encoder
+
+    folder = Path(request.folder)
+    info = read_info(folder)
+    encoder, scorer = load_encoder_and_scorer(request, warn=callbacks.warn)  # no image tower
+    if cache_fingerprint(encoder) != info.fingerprint:
+        raise ModelError(
+            f"{folder} holds features of {info.model}, but this sort's model is "
+            f"{describe_encoder(encoder)}: give the --model/--pretrained it was embedded with "
+            "(or an adapter trained on that backbone), or embed the photos again"
+        )
+    if scorer.needs_tokens and not info.tokens:
+        raise UsageError(
+            f"{folder} stores pooled embeddings only and {scorer.name} reads visual tokens: "
+            "embed again with --tokens"
+        )
+    shards = shard_files(folder)
+    callbacks.found(_stored_rows(shards))
+    scores: dict[str, float] = {}  # later shards win should a photo be stored twice
+    if request.engine == "ray":
+        from imgrank.engines.ray import rank_dataset_on_ray
+
+        scored = rank_dataset_on_ray(
+            request,
+            shards,
+            token_shape=info.token_shape,
+            needs_tokens=scorer.needs_tokens,
+            callbacks=callbacks,
+        )
+        scores.update(scored)
+    else:
+        for paths, features in iter_stored(
+            folder,
+            batch_size=request.batch_size,
+            tokens=scorer.needs_tokens,
+            token_shape=info.token_shape,
+        ):
+            values = np.asarray(scorer.score(features), dtype=np.float64).reshape(-1)
+            scores.update(zip(paths, values.tolist(), strict=True))
+            callbacks.advance(len(paths))
+    ranked = [(path if is_uri(path) else Path(path), score) for path, score in scores.items()]
+    return _ranking(request, ranked, [], scorer.name, started, from_cache=len(ranked))
+
+
+def _stored_rows(shards: list[Path]) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
 
 
 def load_encoder_and_scorer(

@@ -40,6 +40,9 @@ def _root(
 from imgrank.cli import sort_cmd  # noqa: E402
 
 app.command("sort")(sort_cmd.sort)
+from imgrank.cli import embed_cmd  # noqa: E402
+
+app.command("embed")(embed_cmd.embed)
 from imgrank.cli import cache_cmd  # noqa: E402
 
 app.add_typer(cache_cmd.app, name="cache")

@@ -199,7 +199,7 @@ def sort(
         None,
         "--ray-actors",
         help="With --engine ray: encode actors, each loading the model once "
-        "(default: one per GPU, else one per 4 CPUs).",
+        "(default: one per GPU, else enough to use 2/3 of the CPUs).",
     ),
     ray_cpus_per_actor: float | None = typer.Option(
         None,
@@ -231,7 +231,6 @@ def sort(
     if null and fmt != "paths":
         raise UsageError("--null only applies to --format paths")
     from imgrank.cli.runs_cmd import rename_after_sort, validate_rename_options
-
     from imgrank.cli.xmp_step import check_xmp_options, xmp_after_sort
 
     xmp_options = check_xmp_options(xmp, xmp_scale, xmp_top, xmp_label, xmp_sidecar)
@@ -248,7 +247,9 @@ def sort(
             )
     elif ray_address is not None or ray_actors is not None or ray_cpus_per_actor is not None:
         raise UsageError("--ray-address, --ray-actors and --ray-cpus-per-actor need --engine ray")
-    if rename and (paths_from is not None or is_uri(folder)):
+    from imgrank.features.parquet import is_dataset
+
+    if rename and (paths_from is not None or is_uri(folder) or is_dataset(folder)):
         raise UsageError("--rename renames the photos of one local folder; give a folder as SRC")
     if any(target is not None for target in (link, copy, output, errors, report)):
         check_before_writing()  # no new files while an interrupted rename run is unsettled

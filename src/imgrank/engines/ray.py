@@ -80,7 +80,8 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
     if not ray.is_initialized():
         try:
             ray.init(
-                address=address,
+                # "local": a new instance here, never one a `ray start` left behind
+                address=address or "local",
                 include_dashboard=False,
                 log_to_driver=not quiet,
                 logging_level=logging.ERROR if quiet else logging.INFO,
@@ -103,12 +104,18 @@ def quiet_data_context() -> None:
     context.print_on_execution_start = False
 
 
+#: On a cluster without GPUs, the share of its CPUs the encode actors reserve; decode tasks
+#: get the rest. A ViT-B-32 encode costs about 4x a 12 MP decode (docs/distributed.md).
+ENCODE_CPU_SHARE = 2 / 3
+
+
 @dataclass
 class RayOptions:
     """Sizes of the ray engine's stages.
 
     Attributes:
-        actors: encode actors (None: one per GPU, else one per 4 CPUs, at least 1).
+        actors: encode actors (None: one per GPU; without GPUs, as many as fit in
+            :data:`ENCODE_CPU_SHARE` of the cluster's CPUs, at least 1).
         cpus_per_actor: CPUs reserved by each encode actor, also its torch threads
             (None: 1 with GPUs, else ``min(4, cluster CPUs // 2)``, at least 1).
         gpus_per_actor: None: 1 where the cluster has GPUs, else 0.
@@ -121,25 +128,33 @@ class RayOptions:
     batch_size: int = 32
 
     def resolved(self) -> RayOptions:
-        """The options with the cluster's defaults filled in."""
+        """The options with the cluster's defaults filled in.
+
+        Raises:
+            UsageError: the encode actors would leave no CPU for decoding (Ray would wait forever).
+        """
         import ray
 
         resources = ray.cluster_resources()
         gpus = float(resources.get("GPU", 0))
         cpus = float(resources.get("CPU", 1))
-        gpus_per_actor = (
-            self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-        )
-        if self.cpus_per_actor is not None:
-            cpus_per_actor = self.cpus_per_actor
-        else:
+        gpus_per_actor = self.gpus_per_actor
+        if gpus_per_actor is None:
+            gpus_per_actor = 1.0 if gpus else 0.0
+        cpus_per_actor = self.cpus_per_actor
+        if cpus_per_actor is None:
             cpus_per_actor = 1.0 if gpus_per_actor else float(max(1, min(4, int(cpus) // 2)))
-        if self.actors is not None:
-            actors = self.actors
-        elif gpus_per_actor:
-            actors = max(1, int(gpus // gpus_per_actor))
-        else:
-            actors = max(1, int(cpus // 4))
+        actors = self.actors
+        if actors is None:
+            if gpus_per_actor:
+                actors = max(1, int(gpus // gpus_per_actor))
+            else:
+                actors = max(1, int(cpus * ENCODE_CPU_SHARE // cpus_per_actor))
+        if actors * cpus_per_actor > cpus - 1:
+            raise UsageError(
+                f"{actors} encode actor(s) of {cpus_per_actor:g} CPU(s) leave no CPU of the "
+                f"cluster's {cpus:g} for decoding; lower --ray-actors or --ray-cpus-per-actor"
+            )
         return RayOptions(actors, cpus_per_actor, gpus_per_actor, self.batch_size)
 
 
@@ -227,7 +242,14 @@ def _set_threads(cpus: float) -> None:
 class EncodeActor:
     """One model per actor, loaded once with the local loader; scores or features per batch."""
 
-    def __init__(self, request: SortRequest, cpus: float, features: bool, tokens: bool) -> None:
+    def __init__(
+        self,
+        request: SortRequest,
+        cpus: float,
+        features: bool,
+        tokens: bool,
+        shapes: tuple[int, list[int] | None] | None = None,
+    ) -> None:
         import ray
 
         from imgrank.sorter import load_encoder_and_scorer
@@ -237,6 +259,9 @@ class EncodeActor:
         self.node = ray.get_runtime_context().get_node_id()
         self.features = features
         self.tokens = tokens
+        #: (embedding size, token shape): every batch has the same columns, even one
+        #: whose photos all failed to decode.
+        self.shapes = shapes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from imgrank.models.scoring import FeatureBatch
@@ -267,23 +292,20 @@ class EncodeActor:
         self, batch: dict[str, np.ndarray], ok: np.ndarray, out: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         """Pooled embeddings (and tokens) of the rows that decoded; failed rows keep zeros."""
-        encoded = (
-            self.encoder.encode_pixels(batch["pixels"][ok], tokens=self.tokens)
-            if ok.any()
-            else None
-        )
+        assert self.shapes is not None
+        embed_dim, token_shape = self.shapes
         count = len(ok)
-        if encoded is None:
-            out["ok"] = ok
-            return out
-        pooled = np.zeros((count, *encoded.pooled.shape[1:]), dtype=np.float32)
-        pooled[ok] = encoded.pooled
+        pooled = np.zeros((count, embed_dim), dtype=np.float32)
+        tokens = np.zeros((count, *(token_shape or [])), dtype=np.float32) if self.tokens else None
+        if ok.any():
+            encoded = self.encoder.encode_pixels(batch["pixels"][ok], tokens=self.tokens)
+            pooled[ok] = encoded.pooled
+            if tokens is not None:
+                if encoded.tokens is None:
+                    raise ModelError("this model cannot output visual tokens; embed without --tokens")
+                tokens[ok] = encoded.tokens
         out["pooled"] = pooled
-        if self.tokens:
-            if encoded.tokens is None:
-                raise ModelError("this encoder cannot output visual tokens; embed without --tokens")
-            tokens = np.zeros((count, *encoded.tokens.shape[1:]), dtype=np.float32)
-            tokens[ok] = encoded.tokens
+        if tokens is not None:
             out["tokens"] = tokens
         out["ok"] = ok
         return out
@@ -298,6 +320,7 @@ def encoded_dataset(
     features: bool = False,
     tokens: bool = False,
     extra: dict[str, np.ndarray] | None = None,
+    shapes: tuple[int, list[int] | None] | None = None,
 ) -> ray.data.Dataset:
     """Stages 1-3 as one lazy dataset: rows of index, source, reason, node and score or features."""
     import ray
@@ -323,6 +346,7 @@ def encoded_dataset(
             "cpus": options.cpus_per_actor,
             "features": features,
             "tokens": tokens,
+            "shapes": shapes,
         },
         batch_size=options.batch_size,
         compute=ray.data.ActorPoolStrategy(size=options.actors),
@@ -406,3 +430,145 @@ def rank_on_ray(
 def _batches(dataset: ray.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
     """Stream a dataset's rows back to the driver, batch by batch, dropping the bulky columns."""
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+
+# --- embed: features into Parquet shards ------------------------------------------------------
+
+
+def write_stage(batch: dict[str, np.ndarray], *, folder: str) -> dict[str, np.ndarray]:
+    """Write the rows that decoded as one new shard of the dataset in ``folder``."""
+    from imgrank.features.parquet import features_table, write_shard
+
+    ok = np.asarray(batch["ok"], dtype=bool)
+    shard = ""
+    if ok.any():
+        table = features_table(
+            [os.fsdecode(bytes(raw)) for raw, good in zip(batch["source"], ok, strict=True) if good],
+            batch["size"][ok],
+            batch["mtime_ns"][ok],
+            batch["pooled"][ok],
+            batch["tokens"][ok] if "tokens" in batch else None,
+        )
+        shard = write_shard(Path(folder), table).name
+    count = len(ok)
+    return {
+        "index": batch["index"],
+        "reason": batch["reason"],
+        "node": batch["node"],
+        "shard": np.full(count, shard, dtype=object),
+    }
+
+
+def embed_on_ray(
+    request: SortRequest,
+    sources: list[Source],
+    sizes: np.ndarray,
+    mtimes_ns: np.ndarray,
+    folder: Path,
+    *,
+    preprocess: PreprocessConfig,
+    embed_dim: int,
+    token_shape: list[int] | None,
+    on_skip: Callable[[SkippedFile], None],
+    callbacks: SortCallbacks,
+    stats: RayRunStats | None = None,
+) -> list[Path]:
+    """Embed ``sources`` on the cluster into new shards of ``folder``; returns the shards written.
+
+    The shards are written by the cluster's workers, so ``folder`` must be
+    storage every node writes under the same name (a shared file system).
+    """
+    from imgrank.features.parquet import SHARD_ROWS
+
+    _require_session()
+    stats = stats if stats is not None else RayRunStats()
+    options = ray_options(request)
+    stats.options = options
+    callbacks.found(len(sources))
+    dataset = encoded_dataset(
+        _worker_request(request),
+        sources,
+        options,
+        preprocess=preprocess,
+        features=True,
+        tokens=token_shape is not None,
+        extra={"size": sizes, "mtime_ns": mtimes_ns},
+        shapes=(embed_dim, token_shape),
+    )
+    dataset = dataset.map_batches(
+        write_stage, fn_kwargs={"folder": str(folder)}, batch_size=SHARD_ROWS, num_cpus=1
+    )
+    reasons: dict[int, str] = {}
+    shards: set[str] = set()
+    for batch in _batches(dataset):
+        for index, reason, node, shard in zip(
+            batch["index"], batch["reason"], batch["node"], batch["shard"], strict=True
+        ):
+            if reason:
+                reasons[int(index)] = str(reason)
+            else:
+                stats.encode_nodes[str(node)] = stats.encode_nodes.get(str(node), 0) + 1
+            if shard:
+                shards.add(str(shard))
+        callbacks.advance(len(batch["index"]))
+    for index in sorted(reasons):
+        on_skip(SkippedFile(sources[index], reasons[index]))  # type: ignore[arg-type]
+    return [folder / name for name in sorted(shards)]
+
+
+# --- sort a features dataset ------------------------------------------------------------------
+
+
+class ScoreActor:
+    """Scores stored features: the local loader's scorer, no image tower ever built."""
+
+    def __init__(self, request: SortRequest, cpus: float, token_shape: list[int] | None) -> None:
+        from imgrank.sorter import load_encoder_and_scorer
+
+        _set_threads(cpus)
+        _encoder, self.scorer = load_encoder_and_scorer(request)
+        self.token_shape = token_shape
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from imgrank.features.parquet import batch_features
+        from imgrank.models.scoring import FeatureBatch
+
+        features = batch_features(batch, self.token_shape)
+        if not self.scorer.needs_tokens:
+            features = FeatureBatch(pooled=features.pooled)
+        scores = np.asarray(self.scorer.score(features), dtype=np.float64).reshape(-1)
+        return {"path": batch["path"], "score": scores}
+
+
+def rank_dataset_on_ray(
+    request: SortRequest,
+    shards: list[Path],
+    *,
+    token_shape: list[int] | None,
+    needs_tokens: bool,
+    callbacks: SortCallbacks,
+) -> list[tuple[str, float]]:
+    """``(stored path, score)`` of every photo of a dataset's shards, scored on the cluster."""
+    _require_session()
+    import ray.data
+
+    options = ray_options(request)
+    columns = ["path", "pooled", *(["tokens"] if needs_tokens else [])]
+    dataset = ray.data.read_parquet([str(s) for s in shards]).select_columns(columns)
+    dataset = dataset.map_batches(
+        ScoreActor,
+        fn_constructor_kwargs={
+            "request": _worker_request(request),
+            "cpus": options.cpus_per_actor,
+            "token_shape": token_shape if needs_tokens else None,
+        },
+        batch_size=options.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        num_cpus=options.cpus_per_actor,
+        num_gpus=options.gpus_per_actor or None,
+    )
+    scored: list[tuple[str, float]] = []
+    for batch in _batches(dataset):
+        scored.extend(zip((str(p) for p in batch["path"]), batch["score"].tolist(), strict=True))
+        callbacks.advance(len(batch["path"]))
+    return scored
