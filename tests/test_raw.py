@@ -212,3 +212,12 @@ def test_without_the_extra_raws_are_listed_once_with_the_hint(
     for name in ("DSC_0001.dng", "DSC_0002.dng", "DSC_0003.dng", "DSC_0005.dng"):
         assert result.stderr.count(name) == 1
     assert result.stderr.count("pip install 'imgrank[raw]'") == 4
+
+
+def test_rank_scores_without_pairs_and_with_a_pair() -> None:
+    from imgrank.ranking import rank_scores
+
+    scored = [(Path("b.jpg"), 0.2), (Path("a.jpg"), 0.9)]
+    assert [(r.path.name, r.raw) for r in rank_scores(scored)] == [("a.jpg", None), ("b.jpg", None)]
+    paired = rank_scores(scored, raw_of={Path("b.jpg"): Path("b.cr2")})
+    assert paired[1].files == (Path("b.jpg"), Path("b.cr2"))
