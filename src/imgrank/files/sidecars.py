@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Literal
 
 from imgrank.errors import UnsafeOperationError
+from imgrank.files.atomic import fsync_folder, move_into_place, write_file
 from imgrank.files.journal import (
     JournalError,
     JournalWriter,
@@ -47,10 +48,10 @@ from imgrank.files.journal import (
     new_run_id,
     temp_name,
 )
-from imgrank.files.noreplace import rename_noreplace
 from imgrank.files.xmp import MAX_PACKET_BYTES, Field, XmpError, read_fields, set_fields
 
-#: ``file``: ``IMG_1.CR2.xmp`` (darktable, digiKam); ``stem``: ``IMG_1.xmp`` (Lightroom, Capture One).
+#: ``file``: ``IMG_1.CR2.xmp`` (darktable, digiKam);
+#: ``stem``: ``IMG_1.xmp`` (Lightroom, Capture One).
 SidecarNaming = Literal["file", "stem"]
 SIDECAR_NAMINGS: tuple[str, ...] = ("file", "stem")
 
@@ -60,7 +61,7 @@ class SidecarWriteError(UnsafeOperationError):
 
 
 def sidecar_for(photo: Path, naming: str = "file") -> Path:
-    """The sidecar of ``photo``: an existing one in either case (``.xmp``/``.XMP``), else ``.xmp``."""
+    """The sidecar of ``photo``: an existing one (``.xmp`` or ``.XMP``), else ``.xmp``."""
     if naming not in SIDECAR_NAMINGS:
         raise ValueError(f"naming must be one of {SIDECAR_NAMINGS}, not {naming!r}")
     base = photo.name if naming == "file" else photo.stem
@@ -82,15 +83,6 @@ def blob_dir(journal_dir: Path | None = None) -> Path:
     return (journal_dir or default_journal_dir()) / "blobs"
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _store_blob(directory: Path, data: bytes) -> str:
     """Keep ``data`` under its SHA-256 (once), fsynced; returns the hash."""
     digest = hashlib.sha256(data).hexdigest()
@@ -98,13 +90,8 @@ def _store_blob(directory: Path, data: bytes) -> str:
     if target.exists() and _sha(target.read_bytes()) == digest:
         return digest
     directory.mkdir(parents=True, exist_ok=True)
-    temp = directory / f".{digest}.{os.getpid()}.tmp"
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, target)  # imgrank's own store: same name means same bytes
-    _fsync_dir(directory)
+    # imgrank's own store, where a name means its content: a damaged copy may be replaced.
+    write_file(target, data, replace=True)
     return digest
 
 
@@ -314,12 +301,14 @@ def _put(record: SidecarRecord, want: str | None, blobs: Path) -> None:
     """
     if want is None:
         os.unlink(record.path)
-        _fsync_dir(record.path.parent)
+        fsync_folder(record.path.parent)
         return
     data = _load_blob(blobs, want)
-    mode = 0o644
+    existed = os.path.lexists(record.path)
+    mode = 0o666  # a new sidecar: the umask decides, as for any file a Unix tool creates
     with contextlib.suppress(OSError):
-        mode = stat.S_IMODE(os.stat(record.path).st_mode)
+        mode = stat.S_IMODE(os.stat(record.path).st_mode)  # an edited one keeps its mode
+    # The journal's temporary name (not a random one), so recovery can clean it up.
     fd = os.open(record.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)
@@ -333,15 +322,14 @@ def _put(record: SidecarRecord, want: str | None, blobs: Path) -> None:
         raise
     os.close(fd)
     try:
-        if os.path.lexists(record.path):
-            os.replace(record.temp, record.path)  # atomic: the old or the new bytes, never half
-        else:
-            rename_noreplace(record.temp, record.path)  # a file that appeared meanwhile stays
+        # Replacing is atomic (the old bytes or the new, never half); a new sidecar never
+        # replaces a file that appeared meanwhile.
+        move_into_place(record.temp, record.path, replace=existed)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(record.temp)
         raise
-    _fsync_dir(record.path.parent)
+    fsync_folder(record.path.parent)
 
 
 def _describe(content: str | None) -> str:

@@ -65,7 +65,7 @@ class RatingScale:
                 )
             return cls("percent", values)
         if kind == "score":
-            if len(values) != 4 or any(a < b for a, b in zip(values, values[1:])):
+            if len(values) != 4 or any(a < b for a, b in zip(values, values[1:], strict=False)):
                 raise UsageError(
                     f"--xmp-scale {text!r}: score needs four falling thresholds, the lowest "
                     "scores for 5, 4, 3 and 2 stars, e.g. score:0.8,0.6,0.4,0.2"
