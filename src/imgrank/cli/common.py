@@ -7,9 +7,10 @@ warnings, errors) goes to stderr through :data:`err_console`.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import typer
 from rich.console import Console
@@ -74,13 +75,65 @@ def handle_errors(func: F) -> F:
             error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
-            # `imgrank sort ... | head` closes our stdout early; that is not an error.
-            try:
-                sys.stdout = None  # type: ignore[assignment]
-            finally:
-                raise typer.Exit(0) from None
+            # `imgrank runs | head` closes our stdout early; that is not an error. (Commands
+            # with side effects write through StdoutSink, so those happen regardless.)
+            _detach_stdout()
+            raise typer.Exit(0) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class StdoutSink:
+    """stdout for data, whose reader may go away without stopping the command's side effects.
+
+    ``sort ... --rename --apply | head -1`` closes the pipe after one line; the
+    renames, links and copies must still happen (they do not depend on who
+    reads stdout), so a failed write is recorded instead of ending the run.
+    A closed pipe is not an error (the quiet exit of ``| head`` stays); any
+    other failure (``> /dev/full``) is reported by :meth:`finish` after the
+    side effects are done.
+    """
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.failure: OSError | None = None
+
+    def write(self, produce: Callable[[BinaryIO], None]) -> None:
+        """Call ``produce(stream)`` on stdout's bytes and flush; nothing once stdout failed."""
+        if self.closed or self.failure is not None:
+            return
+        try:
+            produce(sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            self.closed = True
+            _detach_stdout()
+        except OSError as exc:
+            self.failure = exc
+            _detach_stdout()
+
+    def finish(self, what: str = "the output") -> None:
+        """Raise the stdout failure, if any, as one message (after the side effects).
+
+        Raises:
+            ImgrankError: stdout could not be written for another reason than a closed pipe.
+        """
+        if self.failure is not None:
+            exc = self.failure
+            raise ImgrankError(f"cannot write {what} to stdout: {exc.strerror or exc}")
+
+
+def _detach_stdout() -> None:
+    """Point file descriptor 1 at /dev/null so Python's final flush cannot fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (tests capture stdout): nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def option_given(ctx: typer.Context, parameter: str) -> bool:

@@ -11,12 +11,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, BinaryIO, Optional
 
 import typer
 from rich.markup import escape
 
-from imgrank.cli.common import check_before_writing, err_console, handle_errors
+from imgrank.cli.common import StdoutSink, check_before_writing, err_console, handle_errors
 from imgrank.errors import UsageError
 
 if TYPE_CHECKING:
@@ -184,6 +184,7 @@ def rename_after_sort(
     prompt: str,
     template: str | None,
     apply: bool,
+    out: StdoutSink,
     quiet: bool = False,
 ) -> list[RankedImage]:
     """``sort --rename [--apply]``: print the plan (old -> new) on stdout, then maybe apply it.
@@ -202,10 +203,13 @@ def rename_after_sort(
     from imgrank.ranking import RankedImage
 
     plan = plan_renames(items, template=template or DEFAULT_TEMPLATE)
-    stream = sys.stdout.buffer
-    for old, new in describe_plan(plan, folder):
-        stream.write(os.fsencode(old) + b" -> " + os.fsencode(new) + b"\n")
-    stream.flush()
+
+    def show_plan(stream: BinaryIO) -> None:
+        for old, new in describe_plan(plan, folder):
+            stream.write(os.fsencode(old) + b" -> " + os.fsencode(new) + b"\n")
+
+    # Through the sink: `| head -1` must not keep --apply from renaming.
+    out.write(show_plan)
     if plan.is_empty:
         if not quiet:
             err_console.print(

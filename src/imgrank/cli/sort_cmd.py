@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from imgrank.cli.common import check_before_writing, err_console, handle_errors, option_given, warn
+from imgrank.cli.common import (
+    StdoutSink,
+    check_before_writing,
+    err_console,
+    handle_errors,
+    option_given,
+    warn,
+)
 from imgrank.errors import UsageError
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE
 from imgrank.files.writers import FORMATS
@@ -300,6 +307,9 @@ def sort(
         # A file that could not be used is an error for that file: shown even with --quiet.
         err_console.print(f"[yellow]skipped:[/] {escape(str(item.path))}: {escape(item.reason)}")
 
+    # stdout is written through a sink: a reader that goes away (`| head -1`) must not
+    # keep the renames, links and copies below from happening.
+    out = StdoutSink()
     with ExitStack() as stack:
         progress = _progress(enabled=interactive)
         if progress is not None:
@@ -332,15 +342,23 @@ def sort(
                     write_errors_csv(skipped, stream)
         if rename:  # first, so the ranking, links and copies name the files as they now are
             ranking.items = rename_after_sort(
-                ranking.items, folder, prompt=by, template=name_template, apply=apply, quiet=quiet
+                ranking.items,
+                folder,
+                prompt=by,
+                template=name_template,
+                apply=apply,
+                out=out,
+                quiet=quiet,
             )
         if xmp_options is not None:  # after renaming, so sidecars carry the photos' new names
-            xmp_after_sort(ranking.items, folder, xmp_options, prompt=by, apply=apply, quiet=quiet)
+            xmp_after_sort(
+                ranking.items, folder, xmp_options, prompt=by, apply=apply, out=out, quiet=quiet
+            )
         if output is not None:
             with atomic_file(output, replace=force) as stream:
                 write_ranking(ranking.items, stream, fmt, null=null)
         elif not rename and xmp_options is None:  # with --rename/--xmp, stdout shows the plan
-            write_ranking(ranking.items, sys.stdout.buffer, fmt, null=null)
+            out.write(lambda stream: write_ranking(ranking.items, stream, fmt, null=null))
         if link is not None:
             materialize(ranking.items, link, mode="link")
         if copy is not None:
@@ -374,6 +392,7 @@ def sort(
             f"skipped {len(ranking.skipped)} file(s) "
             f"in {ranking.seconds:.1f} s with {escape(ranking.scorer)}"
         )
+    out.finish("the rename plan" if rename else "the ranking")
 
 
 

@@ -8,13 +8,13 @@ options and prints. The plan goes to stdout, summaries to stderr.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from rich.markup import escape
 
-from imgrank.cli.common import err_console, warn
+from imgrank.cli.common import StdoutSink, err_console, warn
 from imgrank.errors import UsageError
 from imgrank.files.xmp_marks import LABEL_COLOURS, XMP_MODES, RatingScale
 from imgrank.ranking import RankedImage
@@ -90,9 +90,13 @@ def xmp_after_sort(
     *,
     prompt: str,
     apply: bool,
+    out: StdoutSink,
     quiet: bool = False,
 ) -> None:
     """Print what would be written to each sidecar (file: field old -> new), then maybe write it.
+
+    The listing goes through ``out``: a reader of stdout that goes away
+    (``| head -1``) does not keep ``--apply`` from writing the sidecars.
 
     Raises:
         UnsafeOperationError: two photos would share a sidecar with different values,
@@ -105,16 +109,18 @@ def xmp_after_sort(
         items, options.mode, scale=options.scale, top=options.top, label=options.label
     )
     plan = plan_sidecars(writes, naming=options.naming)
-    stream = sys.stdout.buffer
-    for change in plan.changes:
-        parts = [
-            f"{f} {change.before.get(f) if change.before.get(f) is not None else '-'} -> {value}"
-            for f, value in change.after.items()
-        ]
-        created = " (new sidecar)" if change.old is None else ""
-        line = f"{_shown(change.path, folder)}: {', '.join(parts)}{created}"
-        stream.write(line.encode("utf-8", "surrogateescape") + b"\n")
-    stream.flush()
+
+    def show_plan(stream: BinaryIO) -> None:
+        for change in plan.changes:
+            parts = [
+                f"{f} {change.before.get(f) if change.before.get(f) is not None else '-'} -> {v}"
+                for f, v in change.after.items()
+            ]
+            created = " (new sidecar)" if change.old is None else ""
+            line = f"{_shown(change.path, folder)}: {', '.join(parts)}{created}"
+            stream.write(line.encode("utf-8", "surrogateescape") + b"\n")
+
+    out.write(show_plan)
     for sidecar, reason in plan.refused:
         warn(f"left {sidecar} alone: {reason}", quiet=False)
     new = sum(1 for c in plan.changes if c.old is None)
