@@ -7,6 +7,7 @@ Real processes with real file descriptors: a pipe whose reader is already gone,
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,85 @@ def test_a_full_disk_under_stdout_is_one_message_after_the_side_effects(
         "error: cannot write the ranking to stdout: No space left on device"
     )
     assert len(list(copies.iterdir())) == 4  # the side effect still happened
+
+
+# --- item 3: what --force may replace ----------------------------------------------------------
+
+
+def _sort_in_process(*args: str):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from imgrank.cli import app
+
+    return CliRunner().invoke(app, ["sort", *args, *tiny_args()], catch_exceptions=False)
+
+
+def _state(path: Path) -> tuple[object, ...]:
+    """What a path is and holds, without following a link or opening a device or FIFO."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        return ("link", os.readlink(path))
+    if stat.S_ISREG(info.st_mode):
+        return ("file", info.st_ino, path.read_bytes())
+    return ("special", info.st_mode, info.st_rdev, info.st_ino)
+
+
+@pytest.mark.parametrize("option", ["-o", "--errors"])
+@pytest.mark.parametrize("kind", ["device", "fifo", "symlink", "photo"])
+def test_force_never_replaces_a_device_fifo_symlink_or_photo(
+    photo_dir: Path, tmp_path: Path, option: str, kind: str
+) -> None:
+    elsewhere = tmp_path / "elsewhere.csv"
+    elsewhere.write_text("someone's table\n")
+    if kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("creating a device node needs root")
+        target = tmp_path / "null-device"
+        os.mknod(target, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    elif kind == "fifo":
+        target = tmp_path / "fifo"
+        os.mkfifo(target)
+    elif kind == "symlink":
+        target = tmp_path / "link.csv"
+        target.symlink_to(elsewhere)
+    else:
+        target = sorted(photo_dir.glob("*.jpg"))[0]  # a photo of the very ranking
+    before = _state(target)
+    result = _sort_in_process(str(photo_dir), "--by", "q", option, str(target), "--force")
+    assert result.exit_code == 6, result.output
+    assert str(target) in result.stderr and "Traceback" not in result.output
+    assert _state(target) == before
+    assert elsewhere.read_text() == "someone's table\n"
+    if kind == "symlink":
+        assert "symbolic link" in result.stderr
+
+
+def test_force_never_replaces_an_input_reached_by_a_hard_link(photo_dir: Path) -> None:
+    photo = sorted(photo_dir.glob("*.jpg"))[0]
+    alias = photo_dir.parent / "ranking.csv"
+    os.link(photo, alias)  # the same file as a ranked photo, under a name that is not a photo's
+    before = photo.read_bytes()
+    result = _sort_in_process(str(photo_dir), "--by", "q", "-o", str(alias), "--force")
+    assert result.exit_code == 6, result.output
+    assert "one of the photos of this run" in result.stderr
+    assert photo.read_bytes() == before and alias.stat().st_ino == photo.stat().st_ino
+
+
+def test_force_still_replaces_an_earlier_output_file(photo_dir: Path, tmp_path: Path) -> None:
+    earlier = tmp_path / "ranking.csv"
+    earlier.write_text("an earlier ranking\n")
+    result = _sort_in_process(str(photo_dir), "--by", "q", "-o", str(earlier), "--force")
+    assert result.exit_code == 0, result.output
+    assert earlier.read_text().startswith("rank,score,path\n")
+
+
+def test_one_file_for_two_outputs_is_refused_before_any_work(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 17 item 14: `-o X --errors X` wrote the errors over the ranking."""
+    target = tmp_path / "out.csv"
+    result = _sort_in_process(
+        str(photo_dir), "--by", "q", "-o", str(target), "--errors", str(target)
+    )
+    assert result.exit_code == 2, result.output
+    assert "name the same file" in result.stderr and not target.exists()

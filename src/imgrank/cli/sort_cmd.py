@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -229,7 +230,13 @@ def sort(
         imgrank sort s3://bucket/photos --by "image quality" --engine ray --ray-address auto
     """
     from imgrank.files.atomic import atomic_file, check_new_file
-    from imgrank.files.writers import materialize, write_errors_csv, write_ranking
+    from imgrank.files.writers import (
+        identities,
+        materialize,
+        output_replace,
+        write_errors_csv,
+        write_ranking,
+    )
     from imgrank.images.sources import is_uri
     from imgrank.sorter import SortCallbacks, SortRequest, sort_folder, validate_request
 
@@ -294,7 +301,8 @@ def sort(
     # Output files that would be refused are refused now, not after minutes of work.
     for target in (output, errors):
         if target is not None:
-            check_new_file(target, replace=force)
+            check_new_file(target, replace=output_replace(force))
+    _refuse_one_file_for_two_outputs({"--output": output, "--errors": errors, "--report": report})
     if report is not None:
         from imgrank.report.html import check_report_destination
 
@@ -338,7 +346,8 @@ def sort(
                 progress.stop()
             if errors is not None:
                 # Written even when the run ends with no image ranked: that is when it matters most.
-                with atomic_file(errors, replace=force) as stream:
+                inputs = identities(item.path for item in skipped)
+                with atomic_file(errors, replace=output_replace(force, inputs)) as stream:
                     write_errors_csv(skipped, stream)
         if rename:  # first, so the ranking, links and copies name the files as they now are
             ranking.items = rename_after_sort(
@@ -355,7 +364,8 @@ def sort(
                 ranking.items, folder, xmp_options, prompt=by, apply=apply, out=out, quiet=quiet
             )
         if output is not None:
-            with atomic_file(output, replace=force) as stream:
+            inputs = identities([item.path for item in ranking.items] + [s.path for s in skipped])
+            with atomic_file(output, replace=output_replace(force, inputs)) as stream:
                 write_ranking(ranking.items, stream, fmt, null=null)
         elif not rename and xmp_options is None:  # with --rename/--xmp, stdout shows the plan
             out.write(lambda stream: write_ranking(ranking.items, stream, fmt, null=null))
@@ -407,6 +417,20 @@ def _source_argument(source: str | None, paths_from: Path | None) -> Path | str:
     if source is None:
         raise UsageError("give the folder to sort (SRC), or --paths-from FILE")
     return source if is_uri(source) else Path(source)
+
+
+def _refuse_one_file_for_two_outputs(targets: dict[str, Path | None]) -> None:
+    """``-o X --errors X``: the second write would replace the first (the ranking lost)."""
+    seen: dict[str, str] = {}
+    for option, target in targets.items():
+        if target is None:
+            continue
+        key = os.path.normcase(os.path.realpath(target))
+        if key in seen:
+            raise UsageError(
+                f"{seen[key]} and {option} name the same file {target}; give each its own file"
+            )
+        seen[key] = option
 
 
 def _progress(*, enabled: bool) -> Progress | None:

@@ -21,7 +21,8 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable
+import stat
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -87,6 +88,80 @@ def write_ranking(
         write_paths(items, stream, null=null)
     else:
         raise ValueError(f"unknown format {fmt!r}")
+
+
+#: (device, inode) pairs of files an output must never replace: the run's own inputs.
+Identities = Collection[tuple[int, int]]
+
+
+def output_replace(force: bool, protected: Identities = ()) -> bool | Callable[[Path], bool]:
+    """The ``replace`` policy of :mod:`imgrank.files.atomic` for ``--output``/``--errors``.
+
+    Without ``force`` nothing is replaced. ``--force`` replaces only a regular
+    file that is not a photo: never a device, FIFO or socket, never a symbolic
+    link (it would be the link that is replaced, not what it points to),
+    never a file with an image extension, and never one of ``protected`` (the
+    run's inputs, also through a hard link). The atomic writer asks this both
+    before the work and again just before the replace.
+    """
+    if not force:
+        return False
+
+    def may_replace(path: Path) -> bool:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return True
+        check_replaceable(path, info, protected)
+        return True
+
+    return may_replace
+
+
+def _is_photo_name(path: Path) -> bool:
+    from imgrank.images.decode import BASE_EXTENSIONS, HEIF_EXTENSIONS, supported_extensions
+
+    return path.suffix.lower() in BASE_EXTENSIONS | HEIF_EXTENSIONS | supported_extensions()
+
+
+def check_replaceable(path: Path, info: os.stat_result, protected: Identities = ()) -> None:
+    """What ``--force`` may replace: a regular file that is neither a photo nor an input.
+
+    Raises:
+        UnsafeOperationError: ``path`` (as ``info`` describes it) must be left alone.
+    """
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeOperationError(
+            f"{path} is a symbolic link; --force replaces only regular files, never a link "
+            "(nor what it points to): remove the link or give another name"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeOperationError(
+            f"{path} is not a regular file (a device, FIFO or socket); imgrank never "
+            "replaces it, even with --force"
+        )
+    if _is_photo_name(path):
+        raise UnsafeOperationError(
+            f"{path} has an image file's name; --force never replaces a photo with "
+            "imgrank's output: give another name"
+        )
+    if (info.st_dev, info.st_ino) in protected:
+        raise UnsafeOperationError(
+            f"{path} is one of the photos of this run (the same file, by a hard link); "
+            "--force never replaces an input: give another name"
+        )
+
+
+def identities(paths: Iterable[Path]) -> set[tuple[int, int]]:
+    """(device, inode) of each path that still exists (for ``protected``)."""
+    found: set[tuple[int, int]] = set()
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        found.add((info.st_dev, info.st_ino))
+    return found
 
 
 def write_errors_csv(skipped: Iterable[SkippedFile], stream: BinaryIO) -> None:

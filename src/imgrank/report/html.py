@@ -466,6 +466,11 @@ def check_report_destination(destination: Path, *, overwrite: bool = False) -> N
             f"cannot write the report {destination}: the folder {parent} does not exist; "
             "create it first"
         )
+    if os.path.lexists(destination):
+        from imgrank.files.writers import check_replaceable
+
+        # Whatever is there must be a regular file that is not a photo, even for a report.
+        check_replaceable(destination, os.lstat(destination))
     if not _may_replace(destination, overwrite=overwrite):
         raise UnsafeOperationError(
             f"{destination} already exists and is not an imgrank report; imgrank does not "
