@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from imgrank.errors import CacheError
+from imgrank.errors import CacheError, UnsafeOperationError
 from imgrank.features.cache import SCHEMA_VERSION, EmbeddingCache, FileKey, open_existing
 from imgrank.features.pipeline import PipelineStats, score_images
 from imgrank.models.scoring import FeatureBatch
@@ -474,8 +474,16 @@ def test_a_killed_writer_leaves_a_sound_cache(tmp_path: Path) -> None:
         assert cache.integrity_check() == ["ok"]
 
 
-def test_a_garbage_cache_file_is_moved_aside_and_rebuilt(tmp_path: Path) -> None:
-    db = tmp_path / "cache.sqlite3"
+def _default_db() -> Path:
+    from imgrank.paths import default_cache_db
+
+    db = default_cache_db()  # under this test's own IMGRANK_HOME
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return db
+
+
+def test_a_garbage_file_at_the_default_location_is_moved_aside_and_rebuilt() -> None:
+    db = _default_db()
     garbage = os.urandom(8192)
     db.write_bytes(garbage)
     warnings: list[str] = []
@@ -483,9 +491,41 @@ def test_a_garbage_cache_file_is_moved_aside_and_rebuilt(tmp_path: Path) -> None
         _write_entries(cache, 3)
         assert cache.summary().entries == 3
     (message,) = warnings
-    asides = [p for p in tmp_path.iterdir() if p.name.startswith("cache.sqlite3.broken-")]
+    asides = [p for p in db.parent.iterdir() if p.name.startswith(f"{db.name}.broken-")]
     assert len(asides) == 1 and str(asides[0]) in message
     assert asides[0].read_bytes() == garbage, "the damaged file is kept as it was"
+
+
+@pytest.mark.parametrize("kind", ["photo", "foreign", "garbage"])
+def test_a_named_cache_path_that_is_not_an_imgrank_cache_is_refused_untouched(
+    photo_dir: Path, tmp_path: Path, tiny_model: Path, kind: str
+) -> None:
+    """Issue 17 item 4: `--cache photos/c00.jpg` moved the photo out of the ranking."""
+    if kind == "photo":
+        db = sorted(photo_dir.glob("*.jpg"))[0]
+    elif kind == "foreign":
+        db = tmp_path / "notes.db"
+        conn = sqlite3.connect(db)
+        conn.execute("CREATE TABLE notes (text TEXT)")
+        conn.commit()
+        conn.close()
+    else:
+        db = tmp_path / "mine.sqlite3"
+        db.write_bytes(os.urandom(4096))
+    before = sorted(p.name for p in db.parent.iterdir()), db.read_bytes()
+    with pytest.raises(UnsafeOperationError, match="left untouched"):
+        EmbeddingCache.open(db)
+
+    from conftest import tiny_args
+
+    from imgrank.cli import app
+
+    result = runner.invoke(
+        app, ["sort", str(photo_dir), "--by", "q", *tiny_args(tiny_model), "--cache", str(db)]
+    )
+    assert result.exit_code == 6, result.output
+    assert str(db) in result.stderr and "left untouched" in result.stderr
+    assert (sorted(p.name for p in db.parent.iterdir()), db.read_bytes()) == before
 
 
 def test_a_truncated_cache_is_moved_aside_and_the_sort_goes_on(
@@ -508,8 +548,8 @@ def test_a_truncated_cache_is_moved_aside_and_the_sort_goes_on(
         assert cache.integrity_check() == ["ok"] and cache.summary().entries == 4
 
 
-def test_another_programs_database_is_moved_aside_not_used(tmp_path: Path) -> None:
-    db = tmp_path / "cache.sqlite3"
+def test_another_programs_database_at_the_default_location_is_moved_aside_not_used() -> None:
+    db = _default_db()
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE photos (name TEXT)")
     conn.execute("INSERT INTO photos VALUES ('keep me')")
@@ -522,7 +562,7 @@ def test_another_programs_database_is_moved_aside_not_used(tmp_path: Path) -> No
         assert cache.summary().entries == 0
     (aside,) = [
         p
-        for p in tmp_path.iterdir()
+        for p in db.parent.iterdir()
         if ".foreign-" in p.name and not p.name.endswith(("-wal", "-shm"))
     ]
     rows = sqlite3.connect(aside).execute("SELECT name FROM photos").fetchall()

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgrank.errors import CacheError
+from imgrank.errors import CacheError, UnsafeOperationError
 
 #: Version of the table layout below. A file with a higher version was written
 #: by a newer imgrank and is left alone; an older one this module knows how to
@@ -269,6 +269,56 @@ def _classify(path: Path) -> tuple[str, int | None]:
         conn.close()
 
 
+def _marked_as_ours(path: Path) -> bool:
+    """Whether the file's SQLite header carries imgrank's ``application_id``.
+
+    The header (first 100 bytes) survives damage further in the file, so a
+    truncated or corrupted imgrank cache is still recognised as one.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(100)
+    except OSError:
+        return False
+    return (
+        len(head) == 100
+        and head.startswith(_SQLITE_MAGIC)
+        and int.from_bytes(head[68:72], "big") == APPLICATION_ID
+    )
+
+
+def _is_default_location(path: Path) -> bool:
+    from imgrank.paths import default_cache_db
+
+    return path == default_cache_db().expanduser().absolute()
+
+
+_IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif"}
+)
+
+
+def _refuse_to_displace(path: Path, kind: str) -> None:
+    """Moving aside is for imgrank's own files: never a photo, never another program's file.
+
+    Raises:
+        UnsafeOperationError: the file may belong to the user.
+    """
+    from imgrank.images.decode import supported_extensions
+
+    if path.suffix.lower() in _IMAGE_SUFFIXES | supported_extensions():
+        raise UnsafeOperationError(
+            f"--cache {path} is an image file, not an imgrank embedding cache; it was left "
+            "untouched. Name a file such as embeddings.sqlite3, or use --no-cache."
+        )
+    if _is_default_location(path) or _marked_as_ours(path):
+        return
+    raise UnsafeOperationError(
+        f"--cache {path} is not an imgrank embedding cache ({_REASONS[kind]}); it was left "
+        "untouched. Name a new file or an existing imgrank cache, or use --no-cache."
+    )
+
+
 _REASONS = {
     "invalid": "it is not a valid SQLite database (damaged or not a cache at all)",
     "foreign": "it is a database written by another program",
@@ -319,10 +369,16 @@ class EmbeddingCache:
         A file that is not a usable imgrank cache is moved aside (renamed to
         ``<name>.broken-<time>``, ``.foreign-...`` or ``.old-...``) and a new
         cache is created in its place; ``on_warning`` is told where it went.
+        That happens only where it cannot displace a user's file: at the
+        default cache location, or for a file whose header marks it as an
+        imgrank cache (an older or damaged one); never for a file with an
+        image extension.
 
         Raises:
             CacheError: the folder cannot be written, or the file comes from a
                 newer imgrank (left untouched).
+            UnsafeOperationError: ``path`` (named by the user) holds something
+                that is not an imgrank cache; it is left untouched.
         """
         path = Path(path).expanduser().absolute()
         warn = on_warning or _default_warning
@@ -347,6 +403,7 @@ class EmbeddingCache:
                 "with --cache, or use --no-cache."
             )
         if kind in _REASONS:
+            _refuse_to_displace(path, kind)
             aside = _move_aside(
                 path, "old" if kind == "old" else ("foreign" if kind == "foreign" else "broken")
             )
