@@ -612,3 +612,37 @@ def test_a_cache_locked_too_long_costs_entries_not_the_run(tmp_path: Path) -> No
         assert warnings and "locked" in warnings[0]
         cache.put(model, FileKey("/p/2.jpg", 2, 2, 2), np.zeros(8, np.float32))
         assert cache.flush() == 1  # later writes go through again
+
+
+def test_a_prune_in_another_process_during_a_sort_loses_none_of_its_writes(
+    tmp_path: Path,
+) -> None:
+    """Issue 17 item 5: prune deleted the model row a running sort had not written to yet."""
+    db = tmp_path / "cache.sqlite3"
+    warnings: list[str] = []
+    with EmbeddingCache.open(db, commit_every=1000, on_warning=warnings.append) as sort:
+        model = sort.model_id("sorting-model", "the sort's model")
+        keys = [FileKey(f"/photos/{i}.jpg", 100 + i, 10**18 + i, 500 + i) for i in range(3)]
+        sort.put(model, keys[0], np.full(8, 0, np.float32))  # buffered, not written yet
+
+        with open_existing(db) as upkeep:  # `imgrank cache prune` at this moment
+            assert upkeep.prune().models_removed == 1  # the sort's model had no entries yet
+            # Another sort registers another model meanwhile: SQLite may reuse the freed id.
+            other = upkeep.model_id("other-model", "another model")
+            upkeep.put(other, FileKey("/photos/0.jpg", 100, 10**18, 500), np.ones(8, np.float32))
+            upkeep.flush()
+
+        for i, key in enumerate(keys[1:], start=1):
+            sort.put(model, key, np.full(8, i, np.float32))
+        assert sort.flush() == 3
+        found = sort.get_many(model, keys)
+        assert sorted(found) == sorted(k.path for k in keys)
+        for i, key in enumerate(keys):
+            np.testing.assert_array_equal(found[key.path].pooled, np.full(8, i, np.float32))
+    assert warnings == []
+    with open_existing(db) as cache:
+        summary = cache.summary()
+        assert {m.fingerprint: m.entries for m in summary.models} == {
+            "sorting-model": 3,
+            "other-model": 1,
+        }

@@ -348,6 +348,11 @@ class EmbeddingCache:
         self.commit_seconds = commit_seconds
         self._warn = on_warning or _default_warning
         self._pending: list[tuple[object, ...]] = []
+        #: handle returned by model_id() -> (fingerprint, description). Reads and
+        #: writes go by fingerprint, never by a stored row id: ``cache prune`` in
+        #: another process may delete a model row while this run uses it, and
+        #: SQLite may then hand the same id to another model.
+        self._models: dict[int, tuple[str, str]] = {}
         self._last_commit = time.monotonic()
         self._write_failures = 0
         self._closed = False
@@ -449,27 +454,39 @@ class EmbeddingCache:
     # ------------------------------------------------------------------ models
 
     def model_id(self, fingerprint: str, description: str) -> int:
-        """The row id of a model, registering it on first use (and marking it used now)."""
-        now = time.time()
-        row = self._conn.execute(
-            "SELECT id FROM models WHERE fingerprint = ?", (fingerprint,)
-        ).fetchone()
+        """A handle for a model, registering it on first use (and marking it used now).
+
+        The handle is the model's row id at this moment; :meth:`get_many` and
+        :meth:`put` resolve it by fingerprint each time, so they stay right if
+        the row is deleted (``cache prune``) and re-created meanwhile.
+        """
         with self._write():
-            if row is None:
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO models"
-                    " (fingerprint, description, created_at, last_used_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (fingerprint, description, now, now),
-                )
-            self._conn.execute(
-                "UPDATE models SET last_used_at = ?, description = ? WHERE fingerprint = ?",
-                (now, description, fingerprint),
-            )
+            model = self._register(fingerprint, description)
+        self._models[model] = (fingerprint, description)
+        return model
+
+    def _register(self, fingerprint: str, description: str) -> int:
+        """The model's current row id, (re-)creating the row; inside a write transaction."""
+        now = time.time()
+        self._conn.execute(
+            "INSERT OR IGNORE INTO models (fingerprint, description, created_at, last_used_at)"
+            " VALUES (?, ?, ?, ?)",
+            (fingerprint, description, now, now),
+        )
+        self._conn.execute(
+            "UPDATE models SET last_used_at = ?, description = ? WHERE fingerprint = ?",
+            (now, description, fingerprint),
+        )
         row = self._conn.execute(
             "SELECT id FROM models WHERE fingerprint = ?", (fingerprint,)
         ).fetchone()
         return int(row[0])
+
+    def _fingerprint(self, model_id: int) -> str:
+        try:
+            return self._models[model_id][0]
+        except KeyError:
+            raise ValueError(f"unknown model handle {model_id}; use model_id() first") from None
 
     # ------------------------------------------------------------ read & write
 
@@ -488,17 +505,20 @@ class EmbeddingCache:
         """
         wanted = {key.blob: key for key in keys}
         found: dict[str, CachedFeatures] = {}
-        columns = "path, size, mtime_ns, inode, pooled" + (
-            ", tokens, token_count, token_dim, tokens_dtype" if tokens else ""
+        fingerprint = self._fingerprint(model_id)
+        columns = "e.path, e.size, e.mtime_ns, e.inode, e.pooled" + (
+            ", e.tokens, e.token_count, e.token_dim, e.tokens_dtype" if tokens else ""
         )
         blobs = list(wanted)
         for start in range(0, len(blobs), LOOKUP_CHUNK):
             chunk = blobs[start : start + LOOKUP_CHUNK]
             marks = ",".join("?" * len(chunk))
             try:
+                # One statement, one snapshot: the model row and its entries agree.
                 rows = self._conn.execute(
-                    f"SELECT {columns} FROM entries WHERE model_id = ? AND path IN ({marks})",
-                    (model_id, *chunk),
+                    f"SELECT {columns} FROM entries e JOIN models m ON m.id = e.model_id"
+                    f" WHERE m.fingerprint = ? AND e.path IN ({marks})",
+                    (fingerprint, *chunk),
                 ).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise CacheError(f"cannot read the embedding cache {self.path}: {exc}") from None
@@ -534,6 +554,7 @@ class EmbeddingCache:
             tokens: (P, D) visual tokens or None; stored as float16 unless a
                 value would overflow it.
         """
+        self._fingerprint(model_id)  # an unknown handle fails here, not at the commit
         pooled_blob = np.ascontiguousarray(pooled, dtype=np.float32).tobytes()
         tokens_blob: bytes | None = None
         count = dim = None
@@ -584,6 +605,13 @@ class EmbeddingCache:
         rows, self._pending = self._pending, []
         try:
             with self._write():
+                # Row ids are looked up in the transaction that writes the entries: a
+                # model row another process pruned meanwhile is re-created, never lost.
+                current = {
+                    handle: self._register(*self._models[handle])
+                    for handle in {int(row[0]) for row in rows}  # type: ignore[call-overload]
+                }
+                rows = [(current[int(row[0])], *row[1:]) for row in rows]  # type: ignore[call-overload]
                 self._conn.executemany(
                     "INSERT OR REPLACE INTO entries"
                     " (model_id, path, size, mtime_ns, inode, pooled, tokens,"
