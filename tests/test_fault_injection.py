@@ -505,3 +505,59 @@ def test_every_writing_command_refuses_until_recovered(tmp_path: Path) -> None:
     assert not out.exists() and not (tmp_path / "ranking.csv").exists()
     assert runner.invoke(app, ["recover"]).exit_code == 0
     assert snapshot(folder) == before
+
+
+# --- issue 17 item 6: --copy onto a full disk --------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A tmpfs of 24 pages (96 KiB) mounted for this test; skipped where mounting is not allowed."""
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=98304", "tmpfs", str(mountpoint)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_copy_that_runs_out_of_space_at_its_last_bytes_leaves_nothing(
+    photo_dir: Path, small_disk: Path
+) -> None:
+    """The disk fills within the last 8 KiB, which Python buffers and writes at close."""
+    from imgrank.errors import ImgrankError
+    from imgrank.files.writers import materialize
+    from imgrank.ranking import RankedImage
+
+    photo = photo_dir / "astronaut.jpg"  # 99,308 bytes: 1,004 more than the disk holds
+    assert 0 < photo.stat().st_size - 98304 < 8192
+    copies = small_disk / "copies"
+    with pytest.raises(ImgrankError, match="No space left"):
+        materialize([RankedImage(1, 0.5, photo)], copies, mode="copy")
+    assert sorted(p.name for p in copies.iterdir()) == [], "no cut-short copy, no partial file"
+
+
+def test_sort_copy_onto_a_full_disk_keeps_only_whole_copies(
+    photo_dir: Path, small_disk: Path
+) -> None:
+    from conftest import tiny_args
+    from typer.testing import CliRunner
+
+    from imgrank.cli import app
+
+    copies = small_disk / "copies"
+    result = CliRunner().invoke(
+        app, ["sort", str(photo_dir), "--by", "q", *tiny_args(), "--copy", str(copies)]
+    )
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.stderr and "Traceback" not in result.output
+    originals = {p.read_bytes() for p in photo_dir.iterdir()}
+    left = sorted(copies.iterdir())
+    assert all(not p.name.startswith(".") for p in left), left
+    assert all(p.read_bytes() in originals for p in left), "every copy there is whole"

@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from imgrank.errors import UnsafeOperationError
+from imgrank.errors import OutputWriteError, UnsafeOperationError
 from imgrank.ranking import RankedImage, SkippedFile
 
 OutputFormat = Literal["csv", "jsonl", "paths"]
@@ -189,18 +189,22 @@ def ranked_names(items: list[RankedImage]) -> list[str]:
 def _copy_new(source: Path, target: Path) -> None:
     """Copy ``source`` to the new file ``target`` (refused if it exists), timestamps included.
 
-    A copy cut short (disk full, Ctrl-C) is removed rather than left looking like
-    a damaged photo; it is the file this call just created, never someone else's.
+    The bytes go to a temporary name beside ``target``, are fsynced, and only
+    then get the name (without replacing anything): a copy cut short at any
+    step, the last write, the flush at close or the fsync included (a full
+    disk, Ctrl-C), is removed and never appears under a photo's name.
+
+    Raises:
+        UnsafeOperationError: ``target`` exists or appeared meanwhile.
+        OutputWriteError: the copy could not be written (nothing is left behind).
+        OSError: ``source`` cannot be read.
     """
-    with open(source, "rb") as src, open(target, "xb") as dst:
-        try:
-            shutil.copyfileobj(src, dst, length=1024 * 1024)
-        except BaseException:
-            dst.close()
-            with contextlib.suppress(OSError):
-                os.unlink(target)
-            raise
-    shutil.copystat(source, target)
+    from imgrank.files.atomic import atomic_file
+
+    with open(source, "rb") as src, atomic_file(target) as dst:
+        shutil.copyfileobj(src, dst, length=1024 * 1024)
+        dst.flush()  # before the times are set: a later write would change the mtime
+        shutil.copystat(source, dst.fileno())  # times and mode travel with the rename
 
 
 def materialize(
@@ -221,7 +225,16 @@ def materialize(
         UnsafeOperationError: a target name already exists in ``out_dir``.
     """
     items = [row for item in items for row in item.expanded()]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UnsafeOperationError(
+            f"--{mode} {out_dir} exists and is not a folder; name a new or empty folder"
+        ) from None
+    except OSError as exc:
+        raise OutputWriteError(
+            f"cannot create the --{mode} folder {out_dir}: {exc.strerror or exc}"
+        ) from None
     targets = [out_dir / name for name in ranked_names(items)]
     existing = [t for t in targets if os.path.lexists(t)]
     if existing:
@@ -239,10 +252,15 @@ def materialize(
                 os.symlink(source, target)  # fails with FileExistsError on an existing name
             else:
                 _copy_new(source, target)
-        except FileExistsError:
+        except (FileExistsError, UnsafeOperationError):
             raise UnsafeOperationError(
                 f"{target} appeared while imgrank was writing; it was left untouched "
                 f"({len(created)} of {len(items)} {mode}s written)"
+            ) from None
+        except OutputWriteError as exc:
+            raise OutputWriteError(
+                f"{exc} ({len(created)} of {len(items)} copies written, none cut short; "
+                "originals untouched)"
             ) from None
         except OSError as exc:
             raise UnsafeOperationError(
