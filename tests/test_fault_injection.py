@@ -459,7 +459,7 @@ def test_a_copy_cut_short_leaves_no_half_written_photo(
 ) -> None:
     import shutil
 
-    from imgrank.errors import UnsafeOperationError
+    from imgrank.errors import OutputWriteError
     from imgrank.files import writers as outputs
 
     folder = tmp_path / "photos"
@@ -478,7 +478,7 @@ def test_a_copy_cut_short_leaves_no_half_written_photo(
         real_copy(src, dst, length)
 
     monkeypatch.setattr(outputs.shutil, "copyfileobj", disk_fills_up)
-    with pytest.raises(UnsafeOperationError, match="No space left"):
+    with pytest.raises(OutputWriteError, match="No space left"):  # a full disk: exit code 1
         outputs.materialize(items(folder, ["b.jpg", "a.jpg"]), out, mode="copy")
     # The first copy is whole, the cut one is gone, the folder's own file untouched.
     assert snapshot(out) == {"0001_b.jpg": before["b.jpg"], "keep.txt": b"already here"}
