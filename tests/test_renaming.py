@@ -550,3 +550,32 @@ def test_writing_commands_refuse_while_a_run_is_unfinished(photo_dir: Path, tmp_
     recovered = _cli("recover")
     assert recovered.exit_code == 0 and "original names" in recovered.stderr
     assert _sort(photo_dir, "--rename", "--apply").exit_code == 0
+
+
+def test_renames_touch_only_files_inside_the_folder_and_leave_no_link_dangling(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 17 item 7: a folder link, a link to a photo, an earlier --link folder inside."""
+    from conftest import tiny_args
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (photo_dir / "rocket.jpg").rename(elsewhere / "rocket.jpg")
+    (photo_dir / "dirlink").symlink_to(Path("..") / "elsewhere")
+    (photo_dir / "alias.jpg").symlink_to("astronaut.jpg")
+    (photo_dir / "best").mkdir()
+    (photo_dir / "best" / "0001_chelsea.jpg").symlink_to(Path("..") / "chelsea.jpg")
+    result = _cli("sort", str(photo_dir), "--by", "q", *tiny_args(), "--rename", "--apply")
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(elsewhere)) == ["rocket.jpg"], "nothing outside the folder renamed"
+    names = sorted(os.listdir(photo_dir))
+    renamed = [n for n in names if n.endswith("coffee.jpg")]
+    assert renamed != ["coffee.jpg"] and len(renamed) == 1, names  # the one free photo moved
+    assert {"alias.jpg", "astronaut.jpg", "chelsea.jpg", "dirlink", "best"} <= set(names)
+    for root, dirs, files in os.walk(photo_dir):
+        for name in dirs + files:
+            entry = os.path.join(root, name)
+            if os.path.islink(entry):
+                assert os.path.exists(entry), f"{entry} dangles"
+    for reason in ("a symbolic link", "points to it", "reached through a symbolic link"):
+        assert reason in result.stderr, result.stderr

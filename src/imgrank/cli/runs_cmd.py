@@ -202,7 +202,10 @@ def rename_after_sort(
     from imgrank.files.renaming import apply_plan
     from imgrank.ranking import RankedImage
 
-    plan = plan_renames(items, template=template or DEFAULT_TEMPLATE)
+    plan = plan_renames(items, template=template or DEFAULT_TEMPLATE, folder=folder)
+    for path, reason in plan.kept:
+        # Shown even with --quiet: a photo left out of the order is something to know.
+        err_console.print(f"[yellow]kept its name:[/] {escape(str(path))}: {escape(reason)}")
 
     def show_plan(stream: BinaryIO) -> None:
         for old, new in describe_plan(plan, folder):

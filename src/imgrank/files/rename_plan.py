@@ -86,6 +86,9 @@ class RenamePlan:
     renames: list[PlannedRename] = field(default_factory=list)
     unchanged: list[Path] = field(default_factory=list)
     moves: list[Move] = field(default_factory=list)
+    #: Ranked files left with their names, and why (a link, a file outside the
+    #: folder, the target of a link): see :func:`files_to_keep`.
+    kept: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -213,11 +216,72 @@ def _original_names(
     return [o if o is not None else p.name for o, p in zip(originals, paths, strict=True)]
 
 
+def _physically_inside(path: Path, folder_real: str, folder_abs: str) -> bool:
+    """Whether ``path``'s folder is reached from the scanned folder without a symbolic link."""
+    parent = os.path.dirname(os.fspath(path))
+    relative = os.path.relpath(parent, folder_abs)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return False
+    expected = os.path.normpath(os.path.join(folder_real, relative))
+    return os.path.realpath(parent) == expected
+
+
+def _link_targets(folder: Path) -> set[tuple[int, int]]:
+    """(device, inode) of every file a symbolic link inside ``folder`` points to.
+
+    Every sub-folder is looked at, hidden ones and earlier ``--link`` folders
+    included; links are not followed into other folders.
+    """
+    targets: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in files + dirs:
+            entry = os.path.join(root, name)
+            if not os.path.islink(entry):
+                continue
+            try:
+                info = os.stat(entry)
+            except OSError:
+                continue  # already dangling: nothing imgrank does can break it
+            if stat.S_ISREG(info.st_mode):
+                targets.add((info.st_dev, info.st_ino))
+    return targets
+
+
+def files_to_keep(paths: list[Path], folder: Path) -> dict[Path, str]:
+    """The ranked files a rename run must leave alone, with the reason shown to the user.
+
+    The rule: renames touch only regular files physically inside the scanned
+    folder; symbolic links are never renamed nor followed; a file that a link
+    inside the folder points to keeps its name, so no rename leaves a link
+    dangling that was not dangling before.
+    """
+    folder_abs = os.path.abspath(os.fspath(folder))
+    folder_real = os.path.realpath(folder_abs)
+    linked: set[tuple[int, int]] | None = None
+    keep: dict[Path, str] = {}
+    for path in paths:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue  # reported by the planner
+        if stat.S_ISLNK(info.st_mode):
+            keep[path] = "a symbolic link (links are never renamed, nor what they point to)"
+        elif not _physically_inside(path, folder_real, folder_abs):
+            keep[path] = "reached through a symbolic link to a folder, so not inside the folder"
+        else:
+            if linked is None:
+                linked = _link_targets(Path(folder_real))
+            if (info.st_dev, info.st_ino) in linked:
+                keep[path] = "a symbolic link in the folder points to it and would dangle"
+    return keep
+
+
 def plan_renames(
     items: list[RankedImage],
     *,
     template: str | NameTemplate = DEFAULT_TEMPLATE,
     journal_dir: Path | None = None,
+    folder: Path | None = None,
 ) -> RenamePlan:
     """Plan renaming ``items`` into rank order; nothing is changed.
 
@@ -226,6 +290,8 @@ def plan_renames(
             RAW+JPEG pair is renamed with its twin.
         template: The new-name template (see :class:`NameTemplate`).
         journal_dir: Where journals are (default :func:`imgrank.paths.journal_dir`).
+        folder: The scanned folder: when given, the files :func:`files_to_keep`
+            names keep their names (listed in ``plan.kept``).
 
     Returns:
         The plan; empty when every file already has its planned name.
@@ -242,6 +308,13 @@ def plan_renames(
         return plan
     # A RAW+JPEG pair is renamed together: both files get the same rank prefix.
     items = [row for item in items for row in item.expanded()]
+    count = max(item.rank for item in items)
+    if folder is not None:
+        keep = files_to_keep([absolute_path(item.path) for item in items], folder)
+        plan.kept = list(keep.items())
+        items = [item for item in items if absolute_path(item.path) not in keep]
+        if not items:
+            return plan
 
     paths = [absolute_path(item.path) for item in items]
     identities: list[FileIdentity] = []
@@ -274,7 +347,6 @@ def plan_renames(
         seen_inodes[inode] = path
         identities.append(FileIdentity(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns))
 
-    count = max(item.rank for item in items)
     width = len(str(count))
     originals = _original_names(paths, identities, tmpl, count, journal_dir)
 
