@@ -567,3 +567,63 @@ def test_a_damaged_manifest_is_a_model_error_not_a_traceback(
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="export"):
         OnnxModel(folder).image_encoder().encode_pixels(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def _external(name: str, location: str):  # type: ignore[no-untyped-def]
+    """A float tensor whose data onnxruntime would read from ``location``."""
+    import onnx
+
+    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=[1])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "4")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+@pytest.mark.parametrize("hiding_place", ["function body", "sparse attribute", "training info"])
+def test_an_external_data_reference_hidden_outside_the_graph_is_refused(
+    tmp_path: Path, hiding_place: str
+) -> None:
+    """Issue 17 item 8: a function-body constant reading ../secret.bin was opened by onnxruntime."""
+    import onnx
+    from onnx import helper
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0\0\x80?")
+    leak = _external("leak", "../secret.bin")
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    functions = []
+    training = []
+    if hiding_place == "function body":
+        body = [
+            helper.make_node("Constant", [], ["c"], value=leak),
+            helper.make_node("Add", ["a", "c"], ["b"]),
+        ]
+        functions.append(
+            helper.make_function("evil", "Leak", ["a"], ["b"], body, [helper.make_opsetid("", 17)])
+        )
+        nodes = [helper.make_node("Leak", ["x"], ["y"], domain="evil")]
+    elif hiding_place == "sparse attribute":
+        sparse = helper.make_sparse_tensor(leak, _external("i", "../secret.bin"), [1])
+        nodes = [
+            helper.make_node("Constant", [], ["c"], sparse_value=sparse),
+            helper.make_node("Add", ["x", "c"], ["y"]),
+        ]
+    else:
+        nodes = [helper.make_node("Identity", ["x"], ["y"])]
+        init = helper.make_graph([], "init", [], [], initializer=[leak])
+        training.append(onnx.TrainingInfoProto(initialization=init))
+    graph = helper.make_graph(nodes, "g", [x], [y])
+    model = helper.make_model(
+        graph,
+        functions=functions,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("evil", 1)],
+    )
+    model.training_info.extend(training)
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="points outside"):
+        check_external_data(path)

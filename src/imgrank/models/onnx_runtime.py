@@ -151,21 +151,28 @@ class ClipTokenizer:
 # --------------------------------------------------------------------------- folder safety
 
 
-def _iter_graph_tensors(graph: Any) -> Iterator[Any]:
-    """Every TensorProto of a graph: initializers, sparse ones, and node attributes, recursively."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _iter_graph_tensors(attribute.g)
-            for sub in attribute.graphs:
-                yield from _iter_graph_tensors(sub)
+def _iter_all_tensors(message: Any) -> Iterator[Any]:
+    """Every TensorProto anywhere in an ONNX message, found by walking all its fields.
+
+    Not a list of the places tensors are known to live (initializers, node
+    attributes, subgraphs): function bodies, sparse tensors in attributes,
+    training info and any field a later ONNX version adds are reached too.
+    """
+    import onnx
+    from google.protobuf.message import Message
+
+    stack = [message]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, onnx.TensorProto):
+            yield current
+        for field, value in current.ListFields():
+            if field.type != field.TYPE_MESSAGE:
+                continue
+            if isinstance(value, Message):
+                stack.append(value)
+            else:  # a repeated field (protobuf 5 dropped FieldDescriptor.label)
+                stack.extend(value)
 
 
 def _inside(folder: Path, relative: str, *, what: str, source: Path) -> Path:
@@ -230,7 +237,7 @@ def check_external_data(model_path: Path) -> list[Path]:
         ) from None
     folder = model_path.parent
     found: dict[Path, None] = {}
-    for tensor in _iter_graph_tensors(model.graph):
+    for tensor in _iter_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
