@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from imgrank.errors import ModelError, UsageError, WeightsUnavailableError
+from imgrank.versions import check_torch_load_is_safe
 
 if TYPE_CHECKING:
     import numpy as np
@@ -192,7 +193,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state: Any = load_file(str(path))
         else:
+            check_torch_load_is_safe(torch, path)
             state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except ModelError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure here is a bad file for the user
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
@@ -756,6 +760,7 @@ class _WeightsFile:
                     }
                 self._safetensors_names = names
             else:
+                check_torch_load_is_safe(torch, path)
                 state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
                 self._tensors = _unwrap_state(state, path)
         except ModelError:

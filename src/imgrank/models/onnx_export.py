@@ -458,6 +458,9 @@ def _export_into(
     import onnxruntime as ort
     import torch
 
+    from imgrank.versions import check_onnxruntime
+
+    check_onnxruntime(ort)
     rng = np.random.default_rng(seed)
     size = backbone.preprocess.image_size
     context_length = backbone.context_length

@@ -86,6 +86,9 @@ def _import_onnxruntime() -> Any:
         import onnxruntime
     except ImportError:
         raise _missing_runtime("onnxruntime") from None
+    from imgrank.versions import check_onnxruntime
+
+    check_onnxruntime(onnxruntime)
     return onnxruntime
 
 
