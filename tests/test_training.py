@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -493,3 +494,22 @@ def test_small_adapters_train_on_one_thread() -> None:
     assert adapter_threads(64, 8) == 1
     assert adapter_threads(512, 8) == 4
     assert adapter_threads(768, 2) == 2
+
+
+def test_an_out_link_to_an_empty_folder_is_refused_before_training(
+    counting: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17 item 12: training went on and the finished model was deleted at the end."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "model-link"
+    out.symlink_to(empty)
+
+    def no_training(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the destination must be refused before any training")
+
+    monkeypatch.setattr("imgrank.models.backbone.load_backbone", no_training)
+    result = invoke("train", str(counting / "train.tsv"), "--out", str(out), *tiny_args())
+    assert result.exit_code == UnsafeOperationError.exit_code, result.output
+    assert str(out) in result.stderr and "not a folder" in result.stderr
+    assert out.is_symlink() and os.readlink(out) == str(empty) and list(empty.iterdir()) == []

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from imgrank.errors import CacheError, UnsafeOperationError, UsageError
+from imgrank.errors import CacheError, UsageError
 from imgrank.models.backbone import BackboneSpec
 from imgrank.training.datasets import LabelRow, LabelSet
 from imgrank.training.metrics import EvalReport, evaluate
@@ -522,18 +522,16 @@ def train_adapter(
     from imgrank import __version__
     from imgrank.models.adapter import AdapterConfig, RankingAdapter
     from imgrank.models.backbone import load_backbone
+    from imgrank.files.atomic import check_new_folder
     from imgrank.models.checkpoints import check_backbone_fits, save_model_folder
 
     settings = settings or TrainSettings()
     settings.check()
     reporter = reporter or TrainingReporter()
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        # Checked before hours of work, and again (atomically) when saving.
-        raise UnsafeOperationError(
-            f"{out} already exists and is not an empty folder; imgrank never overwrites files: "
-            "choose a new --out folder"
-        )
+    # Checked before hours of work with the very rule the save applies (a symbolic
+    # link, even to an empty folder, is refused), and again atomically when saving.
+    check_new_folder(out, what="--out")
     labels.require_rows_per_group(2, purpose="training")
     started = time.perf_counter()
 
