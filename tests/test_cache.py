@@ -646,3 +646,40 @@ def test_a_prune_in_another_process_during_a_sort_loses_none_of_its_writes(
             "sorting-model": 3,
             "other-model": 1,
         }
+
+
+def test_a_cache_with_damaged_pages_is_one_message_for_upkeep_and_set_aside_by_a_sort(
+    photo_dir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Issue 17 item 11: upkeep commands gave a traceback; sort warned on every run."""
+    from conftest import tiny_args
+
+    from imgrank.cli import app
+
+    db = tmp_path / "cache.sqlite3"
+    sort = ["sort", str(photo_dir), "--by", "q", *tiny_args(tiny_model), "--cache", str(db)]
+    assert runner.invoke(app, sort).exit_code == 0
+    data = bytearray(db.read_bytes())  # header and schema intact, the stored features damaged
+    for i in range(len(data) * 2 // 3, len(data), 13):
+        data[i] ^= 0x5A
+    db.write_bytes(bytes(data))
+
+    for command in (["info"], ["prune"], ["clear"]):
+        result = runner.invoke(app, ["cache", *command, "--cache", str(db)])
+        assert result.exit_code == CacheError.exit_code, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert "is damaged" in result.stderr and str(db) in result.stderr
+    assert db.read_bytes() == bytes(data), "upkeep commands change nothing"
+
+    first = runner.invoke(app, sort)
+    assert first.exit_code == 0 and first.stdout.count("\n") == 5, first.output
+    assert "malformed" in first.stderr and "moved to" in first.stderr
+    asides = [
+        p
+        for p in tmp_path.iterdir()
+        if ".broken-" in p.name and not p.name.endswith(("-wal", "-shm"))
+    ]
+    assert len(asides) == 1, sorted(p.name for p in tmp_path.iterdir())
+    # Set aside, not deleted (SQLite may have rewritten the pages it could, so no byte check).
+    second = runner.invoke(app, sort)
+    assert second.exit_code == 0 and "malformed" not in second.stderr, second.stderr

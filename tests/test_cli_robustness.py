@@ -172,3 +172,77 @@ def test_one_file_for_two_outputs_is_refused_before_any_work(
     )
     assert result.exit_code == 2, result.output
     assert "name the same file" in result.stderr and not target.exists()
+
+
+# --- item 11: one clear line and an exit code instead of a traceback ---------------------------
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """An empty read-only file system (a tmpfs mounted ro); skipped where mounting is not allowed."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _one_clean_error(result, code: int) -> str:  # type: ignore[no-untyped-def]
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    return last
+
+
+def test_a_new_cache_file_in_a_read_only_folder_costs_the_cache_not_the_sort(
+    photo_dir: Path, read_only_folder: Path
+) -> None:
+    result = _sort_in_process(
+        str(photo_dir), "--by", "q", "--cache", str(read_only_folder / "cache.sqlite3")
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 5
+    assert "Going on without the cache" in result.stderr or "without the cache" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--copy", "--link"])
+@pytest.mark.parametrize("where", ["read-only folder", "existing file", "/proc"])
+def test_link_and_copy_destinations_that_cannot_work_are_one_message(
+    photo_dir: Path, tmp_path: Path, read_only_folder: Path, option: str, where: str
+) -> None:
+    if where == "read-only folder":
+        target = read_only_folder
+    elif where == "existing file":
+        target = tmp_path / "a-file"
+        target.write_text("mine")
+    else:
+        target = Path("/proc/imgrank-test")
+    result = _sort_in_process(str(photo_dir), "--by", "q", option, str(target))
+    last = _one_clean_error(result, 1 if where != "existing file" else 6)
+    assert str(target) in last
+    if where == "existing file":
+        assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["sort", "train"])
+def test_workers_below_one_is_a_usage_error(photo_dir: Path, tmp_path: Path, command: str) -> None:
+    from typer.testing import CliRunner
+
+    from imgrank.cli import app
+
+    args = (
+        ["sort", str(photo_dir), "--by", "q"]
+        if command == "sort"
+        else ["train", str(photo_dir), "--out", str(tmp_path / "m")]
+    )
+    result = CliRunner().invoke(app, [*args, "--workers", "-1", *tiny_args()])
+    assert result.exit_code == 2, result.output
+    assert "--workers" in result.output and "Traceback" not in result.output

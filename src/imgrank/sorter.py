@@ -169,6 +169,8 @@ def validate_request(request: SortRequest) -> None:
         raise UsageError("--top must be at least 1")
     if request.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if request.workers is not None and request.workers < 1:
+        raise UsageError(f"--workers must be at least 1 (got {request.workers})")
     if request.cache is not None and not request.use_cache:
         raise UsageError("--cache and --no-cache contradict each other; give one of them")
     if request.raw_pairs not in RAW_PAIR_MODES:

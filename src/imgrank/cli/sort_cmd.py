@@ -61,7 +61,7 @@ def sort(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per forward pass."),
     workers: int | None = typer.Option(
-        None, "--workers", help="Decode threads (default: one per CPU core)."
+        None, "--workers", min=1, help="Decode threads (default: one per CPU core)."
     ),
     recursive: bool = typer.Option(
         True, "--recursive/--no-recursive", help="Scan sub-folders too."

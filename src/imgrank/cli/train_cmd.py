@@ -221,7 +221,7 @@ def train(
         False, "--no-cache", help="Neither read nor write the embedding cache."
     ),
     workers: int | None = typer.Option(
-        None, "--workers", help="Decode threads (default: one per core)."
+        None, "--workers", min=1, help="Decode threads (default: one per core)."
     ),
     include_imgrank_ratings: bool = typer.Option(
         False,
@@ -376,7 +376,7 @@ def evaluate(
         False, "--no-cache", help="Neither read nor write the embedding cache."
     ),
     workers: int | None = typer.Option(
-        None, "--workers", help="Decode threads (default: one per core)."
+        None, "--workers", min=1, help="Decode threads (default: one per core)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
 ) -> None:

@@ -33,11 +33,12 @@ The cache holds only re-creatable data: deleting it costs time, never photos.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -356,6 +357,11 @@ class EmbeddingCache:
         self._last_commit = time.monotonic()
         self._write_failures = 0
         self._closed = False
+        #: Set when SQLite reported the file corrupt during this run. A cache opened
+        #: by :meth:`open` (a sort) is then moved aside when it is closed, so the
+        #: next run starts a new one instead of warning about it every time.
+        self.damaged = False
+        self._move_aside_when_damaged = False
 
     # ----------------------------------------------------------------- opening
 
@@ -418,7 +424,13 @@ class EmbeddingCache:
                 "re-creatable features, delete it when you like."
             )
 
-        conn = _connect(path, busy_timeout)
+        try:
+            conn = _connect(path, busy_timeout)
+        except sqlite3.DatabaseError as exc:  # e.g. a new file in a read-only folder
+            raise CacheError(
+                f"cannot open the embedding cache {path}: {exc}. Pick another file with "
+                "--cache, or use --no-cache."
+            ) from None
         try:
             _initialise(conn)
         except sqlite3.DatabaseError as exc:
@@ -427,13 +439,15 @@ class EmbeddingCache:
                 f"cannot initialise the embedding cache {path}: {exc}. Pick another file with "
                 "--cache, or use --no-cache."
             ) from None
-        return cls(
+        cache = cls(
             conn,
             path,
             commit_every=commit_every,
             commit_seconds=commit_seconds,
             on_warning=on_warning,
         )
+        cache._move_aside_when_damaged = True
+        return cache
 
     def __enter__(self) -> EmbeddingCache:
         return self
@@ -447,9 +461,30 @@ class EmbeddingCache:
             return
         try:
             self.flush()
+        except CacheError:
+            if not self.damaged:
+                raise
         finally:
             self._closed = True
             self._conn.close()
+            if self.damaged and self._move_aside_when_damaged:
+                self._set_aside_damaged_file()
+
+    def _note_damage(self, exc: sqlite3.DatabaseError) -> None:
+        if _is_damage(exc):
+            self.damaged = True
+
+    def _set_aside_damaged_file(self) -> None:
+        try:
+            aside = _move_aside(self.path, "broken")
+        except CacheError as exc:
+            self._warn(str(exc))
+            return
+        self._warn(
+            f"the embedding cache {self.path} is damaged; it was moved to {aside} (not "
+            "deleted) and the next run starts a new cache. It only held re-creatable "
+            "features: delete it when you like."
+        )
 
     # ------------------------------------------------------------------ models
 
@@ -521,6 +556,7 @@ class EmbeddingCache:
                     (fingerprint, *chunk),
                 ).fetchall()
             except sqlite3.DatabaseError as exc:
+                self._note_damage(exc)
                 raise CacheError(f"cannot read the embedding cache {self.path}: {exc}") from None
             for row in rows:
                 key = wanted.get(bytes(row[0]))
@@ -630,6 +666,7 @@ class EmbeddingCache:
                 )
             return 0
         except sqlite3.DatabaseError as exc:
+            self._note_damage(exc)
             raise CacheError(
                 f"cannot write the embedding cache {self.path}: {exc}. "
                 "`imgrank cache clear` or --no-cache works around it."
@@ -640,6 +677,10 @@ class EmbeddingCache:
 
     def summary(self) -> CacheSummary:
         """Entries, size on disk and models (for ``imgrank cache info``)."""
+        with self._damage_as_error():
+            return self._summary()
+
+    def _summary(self) -> CacheSummary:
         self.flush()
         models = [
             ModelSummary(
@@ -666,6 +707,15 @@ class EmbeddingCache:
         )
 
     def prune(self, *, on_progress: Callable[[int], None] | None = None) -> PruneResult:
+        """Drop the entries of files that no longer exist or changed (see :meth:`_prune`).
+
+        Raises:
+            CacheError: the file is damaged.
+        """
+        with self._damage_as_error():
+            return self._prune(on_progress=on_progress)
+
+    def _prune(self, *, on_progress: Callable[[int], None] | None = None) -> PruneResult:
         """Drop the entries of files that no longer exist or changed since they were cached.
 
         Only "not found" counts as gone: files on a disk that is not mounted
@@ -716,6 +766,10 @@ class EmbeddingCache:
 
     def clear(self) -> int:
         """Remove every entry and model; returns the number of entries removed."""
+        with self._damage_as_error():
+            return self._clear()
+
+    def _clear(self) -> int:
         self.flush()
         with self._write():
             removed = self._conn.execute("DELETE FROM entries").rowcount
@@ -725,7 +779,24 @@ class EmbeddingCache:
 
     def integrity_check(self) -> list[str]:
         """SQLite's full integrity check: ``["ok"]`` when the file is sound."""
-        return [str(row[0]) for row in self._conn.execute("PRAGMA integrity_check")]
+        try:
+            return [str(row[0]) for row in self._conn.execute("PRAGMA integrity_check")]
+        except sqlite3.DatabaseError as exc:
+            return [str(exc)]
+
+    @contextlib.contextmanager
+    def _damage_as_error(self) -> Iterator[None]:
+        """SQLite errors of the upkeep commands as one message that says what to do."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if _is_damage(exc):
+                raise CacheError(
+                    f"the embedding cache {self.path} is damaged ({exc}). It only holds "
+                    "re-creatable features: the next `imgrank sort` with it moves it aside and "
+                    "starts a new one, or delete it yourself."
+                ) from None
+            raise CacheError(f"cannot use the embedding cache {self.path}: {exc}") from None
 
     # ------------------------------------------------------------- internals
 
@@ -764,6 +835,15 @@ class _WriteTransaction:
 
 def _default_warning(message: str) -> None:
     warnings.warn(message, stacklevel=3)
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the file itself is corrupt (not locked, not full)."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name:
+        return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

@@ -263,7 +263,7 @@ def materialize(
                 "originals untouched)"
             ) from None
         except OSError as exc:
-            raise UnsafeOperationError(
+            raise OutputWriteError(
                 f"cannot {mode} {source} to {target}: {exc.strerror or exc} "
                 f"({len(created)} of {len(items)} written; originals untouched)"
             ) from None
