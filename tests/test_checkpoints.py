@@ -294,6 +294,10 @@ def edit_config(folder: Path, **changes: Any) -> None:
         ({"backbone__weights": "backbone.safetensors"}, "exactly one"),
         ({"prompt_format": "no placeholder"}, "exactly once"),
         ({"adapter__cross_attn_method": "something-else"}, "not implemented"),
+        # Issue 17 item 14: a zero std gave NaN for every score.
+        ({"preprocess__std": [0, 0, 0]}, r"std must be positive"),
+        ({"preprocess__mean": [0.5, float("nan"), 0.5]}, r"mean must be three finite numbers"),
+        ({"preprocess__std": [0.2, 0.2]}, r"std must be three finite numbers"),
     ],
 )
 def test_folders_that_could_mislead_or_unpickle_are_refused(

@@ -246,3 +246,31 @@ def test_workers_below_one_is_a_usage_error(photo_dir: Path, tmp_path: Path, com
     result = CliRunner().invoke(app, [*args, "--workers", "-1", *tiny_args()])
     assert result.exit_code == 2, result.output
     assert "--workers" in result.output and "Traceback" not in result.output
+
+
+# --- item 14: library warnings under -q --------------------------------------------------------
+
+
+def _photo_with_a_broken_exif_tag(folder: Path) -> None:
+    """A real photo whose EXIF orientation tag points past the end: Pillow warns about it."""
+    import struct
+
+    data = (folder / "chelsea.jpg").read_bytes()
+    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 3, 1000, 5000) + b"\0" * 4
+    exif = b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + ifd
+    segment = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    (folder / "odd-exif.jpg").write_bytes(data[:2] + segment + data[2:])
+
+
+def test_library_warnings_are_silent_under_quiet_and_one_line_otherwise(
+    photo_dir: Path,
+) -> None:
+    _photo_with_a_broken_exif_tag(photo_dir)
+    loud = _sort_in_process(str(photo_dir), "--by", "q", "--no-cache")
+    assert loud.exit_code == 0, loud.output
+    lines = [line for line in loud.stderr.splitlines() if "Skipping tag" in line]
+    assert lines and all(line.startswith("warning: ") for line in lines), loud.stderr
+    assert ".py:" not in loud.stderr, "no Python source location, no source line"
+    quiet = _sort_in_process(str(photo_dir), "--by", "q", "-q", "--no-cache")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == "", "-q prints nothing on stderr but errors"

@@ -277,3 +277,15 @@ def test_failed_images_become_bad_rows_with_their_line(tmp_path: Path) -> None:
 def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_labels(tmp_path / "nope.tsv")
+
+
+def test_labels_too_large_for_training_are_bad_rows(tmp_path: Path) -> None:
+    """Issue 17 item 14: 1e300 trained to Infinity, with exit 0 and non-standard JSON."""
+    for name in ("a.jpg", "b.jpg"):
+        _image(tmp_path / name)
+    table = tmp_path / "t.tsv"
+    table.write_text("filepath\ttitle\tcname\tvalue\na.jpg\tp\tg\t1e300\nb.jpg\tp\tg\t-3\n")
+    labels = read_label_table(table)
+    assert [r.line for r in labels.rows] == [3]
+    (bad,) = [b.describe() for b in labels.bad]
+    assert bad.startswith("line 2: ") and "'1e300' is out of range" in bad

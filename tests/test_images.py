@@ -227,3 +227,28 @@ def test_heic_is_read_when_the_heif_extra_is_installed(tmp_path: Path) -> None:
     (found,) = find_images(tmp_path)
     assert found.name == "phone.HEIC"
     assert load_pixels(found, CROP).shape == (3, 32, 32)
+
+
+def test_sixteen_bit_greyscale_is_converted_without_a_float_copy_of_the_picture() -> None:
+    """Issue 17 item 14: a 70 KB 16-bit PNG cost ~600 MB (~30 bytes a pixel) to decode."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from imgrank.images.decode import _to_rgb
+
+    width, height = 4000, 3000
+    values = (np.arange(width * height, dtype=np.uint32) % 65536).astype(np.uint16)
+    image = Image.frombytes("I;16", (width, height), values.tobytes())
+    image.load()
+    tracemalloc.start()
+    try:
+        rgb = _to_rgb(image)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The 16-bit pixels once (2 bytes), their 8-bit result (1 byte), bands of rows: about 4
+    # bytes a pixel here; the float64 conversion took 17.
+    assert peak / (width * height) < 6, f"{peak / (width * height):.1f} bytes a pixel"
+    grey = np.asarray(rgb)[..., 0].ravel()
+    np.testing.assert_array_equal(grey, (values.astype(np.float64) / 257.0).astype(np.uint8))

@@ -136,6 +136,25 @@ def _detach_stdout() -> None:
         os.close(devnull)
 
 
+def route_library_warnings(*, quiet: bool) -> None:
+    """Python warnings of libraries (Pillow, numpy) as one ``warning:`` line; none with --quiet.
+
+    Left alone they reach stderr in Python's two-line format with a source line,
+    even under ``-q``, which promises nothing on stderr but errors. (The CLI may
+    change process-wide state; library code never does.)
+    """
+    import warnings
+
+    if quiet:
+        warnings.simplefilter("ignore")
+        return
+
+    def show(message: Any, category: Any, filename: str, lineno: int, *_rest: Any) -> None:
+        warn(str(message))
+
+    warnings.showwarning = show
+
+
 def option_given(ctx: typer.Context, parameter: str) -> bool:
     """Whether the user set an option (command line or environment), not Typer's default.
 

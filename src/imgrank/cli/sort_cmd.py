@@ -17,6 +17,7 @@ from imgrank.cli.common import (
     err_console,
     handle_errors,
     option_given,
+    route_library_warnings,
     warn,
 )
 from imgrank.errors import UsageError
@@ -240,6 +241,7 @@ def sort(
     from imgrank.images.sources import is_uri
     from imgrank.sorter import SortCallbacks, SortRequest, sort_folder, validate_request
 
+    route_library_warnings(quiet=quiet)
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if null and fmt != "paths":

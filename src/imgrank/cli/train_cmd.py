@@ -17,6 +17,7 @@ from imgrank.cli.common import (
     err_console,
     handle_errors,
     option_given,
+    route_library_warnings,
     warn,
 )
 
@@ -247,6 +248,7 @@ def train(
     from imgrank.training.datasets import load_labels
     from imgrank.training.fit import train_adapter
 
+    route_library_warnings(quiet=quiet)
     check_before_writing()  # refuse while an interrupted rename run is unsettled
 
     settings = TrainSettings(
@@ -396,6 +398,7 @@ def evaluate(
     from imgrank.training.datasets import load_labels
     from imgrank.training.fit import evaluate_labels
 
+    route_library_warnings(quiet=quiet)
     labels = load_labels(data, prompt=prompt)
     _report_skips(labels, quiet=quiet)
     with _Display(quiet=quiet) as display:

@@ -96,6 +96,15 @@ class PreprocessConfig:
             known["mean"] = tuple(float(v) for v in data["mean"])
         if "std" in data:
             known["std"] = tuple(float(v) for v in data["std"])
+        for name in ("mean", "std"):
+            values = known.get(name)
+            if values is None:
+                continue
+            # A zero std divides every pixel by zero: every score would be NaN.
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be three finite numbers, not {list(values)}")
+            if name == "std" and min(values) <= 0:
+                raise ValueError(f"std must be positive, not {list(values)}")
         return cls(**known)
 
     def fingerprint(self) -> str:

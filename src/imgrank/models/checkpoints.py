@@ -356,7 +356,7 @@ def load_model_folder(path: str | Path) -> ModelFolder:
         preprocess = PreprocessConfig.from_dict(data["preprocess"])
     except KeyError as exc:
         raise _config_error(folder, f"lacks {exc.args[0]!r}") from None
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise _config_error(folder, f"malformed: {exc}") from None
     if preprocess.resize_mode not in ("squash", "crop") or preprocess.interpolation not in (
         "bilinear",

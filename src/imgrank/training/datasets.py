@@ -275,12 +275,27 @@ def _pick_column(header: list[str], names: tuple[str, ...]) -> int | None:
     return None
 
 
+#: Largest label magnitude imgrank trains on. Labels become float32 tensors, whose
+#: range ends near 3.4e38: 1e300 turned into Infinity and a model of NaNs. Ratings
+#: and scores are far below this bound, which still leaves room for squares (1e24).
+MAX_LABEL = 1e12
+
+
+def _label_problem(value: float) -> str | None:
+    """Why a parsed label cannot be trained on, or None when it can."""
+    if not math.isfinite(value):
+        return "is not a finite number"
+    if abs(value) > MAX_LABEL:
+        return f"is out of range (labels must lie within ±{MAX_LABEL:g})"
+    return None
+
+
 def _parse_value(text: str) -> float | None:
     try:
         value = float(text.strip())
     except ValueError:
         return None
-    return value if math.isfinite(value) else None
+    return value if _label_problem(value) is None else None
 
 
 def read_label_table(path: Path, *, prompt: str | None = None) -> LabelSet:
@@ -350,7 +365,11 @@ def read_label_table(path: Path, *, prompt: str | None = None) -> LabelSet:
         raw_value = record[columns["value"]]  # type: ignore[index]
         value = _parse_value(raw_value)
         if value is None:
-            bad.append(BadRow(line, raw_path, f"value {raw_value.strip()!r} is not a number"))
+            try:
+                problem = _label_problem(float(raw_value.strip())) or "is not a number"
+            except ValueError:
+                problem = "is not a number"
+            bad.append(BadRow(line, raw_path, f"value {raw_value.strip()!r} {problem}"))
             continue
         row_prompt = record[columns["prompt"]].strip() if columns["prompt"] is not None else ""
         row_prompt = row_prompt or (prompt or "")
@@ -455,8 +474,9 @@ def _rating_number(text: str) -> float:
         value = float(text.strip())
     except ValueError:
         raise ValueError(f"rating {text.strip()!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"rating {text.strip()!r} is not a number")
+    problem = _label_problem(value)
+    if problem is not None:
+        raise ValueError(f"rating {text.strip()!r} {problem}")
     return value
 
 
