@@ -561,3 +561,65 @@ def test_sort_copy_onto_a_full_disk_keeps_only_whole_copies(
     left = sorted(copies.iterdir())
     assert all(not p.name.startswith(".") for p in left), left
     assert all(p.read_bytes() in originals for p in left), "every copy there is whole"
+
+
+# --- issue 17 item 13: a run that rolled back completely is settled; parked photos are named ----
+
+
+def test_a_run_rolled_back_completely_but_left_open_blocks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rollback worked, only the closing line could not be written (a full disk)."""
+    folder = tmp_path / "photos"
+    before = make_folder(folder)
+    plan = plan_renames(items(folder), template=TEMPLATE)
+    real_rename = renaming.rename_noreplace
+    failing_rename(monkeypatch, {3}, OSError(errno.EIO, "Input/output error"))
+    real_finish = JournalWriter.finish
+
+    def finish(self: JournalWriter, status: str, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        if status == "rolled_back":
+            raise JournalError("cannot write the rename journal: No space left on device")
+        real_finish(self, status, *args, **kwargs)
+
+    monkeypatch.setattr(JournalWriter, "finish", finish)
+    with pytest.raises(RenameFailedError, match="original name again"):
+        apply_plan(plan, folder=folder)
+    monkeypatch.setattr(JournalWriter, "finish", real_finish)  # the disk has room again
+    monkeypatch.setattr(renaming, "rename_noreplace", real_rename)
+    assert snapshot(folder) == before
+    assert len(unfinished_runs()) == 1  # the closing line is missing...
+
+    check_no_unfinished_run()  # ...yet nothing is blocked: there is nothing to recover
+    (run,) = list_runs()
+    assert run.status == "rolled_back" and not unfinished_runs()
+    assert snapshot(folder) == before
+
+
+def test_an_unsettled_run_that_still_needs_recovery_keeps_blocking(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "photos"
+    before = make_folder(folder)
+    plan = plan_renames(items(folder), template=TEMPLATE)
+    steps = plan.steps()
+    writer = JournalWriter.create(
+        run_id=plan.run_id, kind="sort", folder=folder, steps=steps, prompt="q",
+        template=plan.template,
+    )  # fmt: skip
+    os.rename(steps[0].source, steps[0].temp)  # a kill right after parking one photo
+    writer.record_moved(0, "temp")
+    writer.close()
+    with pytest.raises(UnfinishedRunError):
+        check_no_unfinished_run()
+
+    from conftest import tiny_args
+
+    result = CliRunner().invoke(
+        app, ["sort", str(folder), "--by", "q", "-q", *tiny_args()], catch_exceptions=False
+    )
+    # The test photos are not decodable images: what matters is the warning before the scan.
+    assert "left 1 photo(s) under hidden temporary names" in result.stderr, result.stderr
+    assert str(steps[0].temp) in result.stderr and "imgrank recover" in result.stderr
+    renaming.recover()
+    assert snapshot(folder) == before

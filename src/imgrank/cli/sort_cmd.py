@@ -251,6 +251,7 @@ def sort(
 
     xmp_options = check_xmp_options(xmp, xmp_scale, xmp_top, xmp_label, xmp_sidecar)
     validate_rename_options(rename, apply, name_template, xmp=xmp_options is not None)
+    _say_what_an_interrupted_run_hides()
     folder = _source_argument(source, paths_from)
     if engine == "ray":
         local_only = [name for name, given in (("--rename", rename), ("--link", link is not None),
@@ -419,6 +420,20 @@ def _source_argument(source: str | None, paths_from: Path | None) -> Path | str:
     if source is None:
         raise UsageError("give the folder to sort (SRC), or --paths-from FILE")
     return source if is_uri(source) else Path(source)
+
+
+def _say_what_an_interrupted_run_hides() -> None:
+    """Photos parked under hidden temporary names are not scanned: say so (even with -q)."""
+    from imgrank.files.renaming import parked_files
+
+    for run, paths in parked_files():
+        shown = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+        err_console.print(
+            f"[yellow]warning:[/] an interrupted rename run ({escape(run.run_id)}, in "
+            f"{escape(str(run.folder))}) left {len(paths)} photo(s) under hidden temporary "
+            f"names, so they are not ranked: {escape(shown)}. Run `imgrank recover` to give "
+            "them their names back."
+        )
 
 
 def _refuse_one_file_for_two_outputs(targets: dict[str, Path | None]) -> None:

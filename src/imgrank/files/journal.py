@@ -606,9 +606,13 @@ def check_no_unfinished_run(directory: Path | None = None) -> None:
         UnfinishedRunError: an interrupted run must be recovered first.
         UnsafeOperationError: another imgrank process is renaming right now.
     """
+    from imgrank.files.renaming import close_if_restored  # renaming imports this module
+
     for run in unfinished_runs(directory):
         if is_in_progress(run):
             raise _in_progress_error(run)
+        if close_if_restored(run):
+            continue  # rolled back completely, only its closing line was missing
         what = {"sort": "rename", "xmp": "XMP sidecar"}.get(run.kind, "undo")
         effect = (
             "some XMP sidecars may hold new values while others do not. Run `imgrank recover` "

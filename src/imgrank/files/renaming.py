@@ -186,6 +186,52 @@ def _execute(writer: JournalWriter, steps: list[StepRecord], moves: list[Move]) 
         raise
 
 
+def close_if_restored(run: RunRecord) -> bool:
+    """Close an unfinished rename run in which every photo is back under its original name.
+
+    A failed ``--apply`` that reversed every rename but could not write its
+    closing line (a full disk, a journal that stopped being writable) stayed
+    "interrupted" and blocked every writing command, though there was nothing
+    to recover. A run whose journal records renames and whose every photo is
+    back at its original name (checked by inode, and at none of its other
+    names) is closed as rolled back here; any other state is left for
+    ``imgrank recover``.
+
+    Returns:
+        Whether the run was closed.
+    """
+    if run.finished or run.sidecars or not run.steps or is_in_progress(run):
+        return False
+    if not run.moved:
+        # No rename recorded: a run killed before its first rename, which `imgrank
+        # recover` settles in either direction (--forward may still be wanted).
+        return False
+    if any(_locate(step) != ["source"] for step in run.steps):
+        return False
+    try:
+        with reopen(run) as writer:
+            writer.finish("rolled_back", "restored")
+    except (UnsafeOperationError, OSError):
+        return False  # still not writable: the guard explains, `imgrank recover` settles it
+    return True
+
+
+def parked_files(directory: Path | None = None) -> list[tuple[RunRecord, list[Path]]]:
+    """Files an interrupted rename run left under its hidden temporary names.
+
+    Scans skip hidden names, so a plain sort or a ``--rename`` dry run would
+    leave these photos out of the ranking without a word; the CLI says so.
+    """
+    parked: list[tuple[RunRecord, list[Path]]] = []
+    for run in unfinished_runs(directory):
+        if is_in_progress(run):
+            continue
+        paths = [step.temp for step in run.steps if "temp" in _locate(step)]
+        if paths:
+            parked.append((run, paths))
+    return parked
+
+
 def _failure(
     exc: BaseException, done: int, total: int, problems: list[str], journal: Path
 ) -> RenameFailedError:
