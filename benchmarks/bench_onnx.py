@@ -85,7 +85,8 @@ def main() -> int:
 
     import torch
 
-    from imgrank.models.backbone import BackboneSpec, load_backbone
+    from imgrank.models.clip.build import load_backbone
+    from imgrank.models.clip.config import BackboneSpec
     from imgrank.models.onnx_export import export_backbone
     from imgrank.models.onnx_runtime import MANIFEST_NAME, OnnxModel, zero_shot_scorer
     from imgrank.models.scoring import ZeroShotScorer

@@ -14,7 +14,7 @@ and the random ViT-B-32 weights file are those of bench_sort.py, made once into
     running cluster sees). Alternated round by round; medians.
 (b) memory with the number of photos: peak RSS of the driver and the peak
     sum of RSS of the Ray worker processes, at ``--small`` and at all photos.
-(c) per-stage cost per photo, one thread: the decode (``decode_for_model``)
+(c) per-stage cost per photo, one thread: the decode (``load_pixels``)
     and the encode (``encode_pixels``, batch of 16) of ViT-B-32 on the CPU.
 """
 
@@ -103,12 +103,13 @@ def stage_costs(folder: Path, weights: str) -> dict[str, float]:
 import json, time, numpy as np, torch
 from pathlib import Path
 torch.set_num_threads(1)
-from imgrank.features.pipeline import decode_for_model
-from imgrank.models.backbone import BackboneSpec, load_backbone
+from imgrank.images.decode import load_pixels
+from imgrank.models.clip.build import load_backbone
+from imgrank.models.clip.config import BackboneSpec
 backbone = load_backbone(BackboneSpec(model="ViT-B-32", pretrained={weights!r}), device="cpu")
 paths = sorted(Path({str(folder)!r}).glob("*.jpg"))[:16]
 started = time.thread_time()
-pixels = np.stack([decode_for_model(p, backbone.preprocess) for p in paths])
+pixels = np.stack([load_pixels(p, backbone.preprocess) for p in paths])
 decode = (time.thread_time() - started) / len(paths)
 backbone.encode_pixels(pixels[:2])
 started = time.perf_counter()

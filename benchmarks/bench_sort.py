@@ -229,38 +229,39 @@ def profile_child(folder: str, cache: str, prompt: str) -> None:
     from imgrank.features.cache import open_cache
     from imgrank.features.pipeline import PipelineStats, score_images
     from imgrank.images.decode import find_images
-    from imgrank.models.backbone import BackboneSpec, image_tower_built, load_backbone
-    from imgrank.models.scoring import ZeroShotScorer
-    from imgrank.models.text_only import warm_zero_shot
+    from imgrank.models.clip.build import image_tower_built
+    from imgrank.models.loading import load_model
+    from imgrank.models.selection import ModelSelection
     from imgrank.ranking import rank_scores
 
     paths = find_images(Path(folder))
     lap("import imgrank, scan folder")
-    spec = BackboneSpec(model="ViT-B-32", pretrained=os.environ.get("IMGRANK_BENCH_WEIGHTS", "none"))
+    selection = ModelSelection(
+        model="ViT-B-32", pretrained=os.environ.get("IMGRANK_BENCH_WEIGHTS", "none"), device="cpu"
+    )
     stats = PipelineStats()
-    backbone = None
     with open_cache(cache) as store:
         # What `imgrank sort` does: a fully cached folder needs neither open_clip nor the
-        # image tower (imgrank.models.text_only); otherwise the full backbone is built.
-        warm = warm_zero_shot(spec, prompt, None, paths, store, device="cpu")
-        if warm is not None:
-            encoder, scorer = warm
+        # image tower (imgrank.models.clip.light_text); otherwise the full backbone is built.
+        model = load_model(selection)
+        warm = model.fully_cached(paths, store)
+        if warm:
+            scorer = model.scorer(prompt, images_cached=True)
             lap("cache check + text tower without open_clip")
         else:
             lap("cache check (not every photo cached)")
             import open_clip  # noqa: F401
 
             lap("import open_clip (+ torchvision, timm)")
-            backbone = load_backbone(spec, device="cpu", lazy_image_tower=True)
+            model.backbone()
             lap("build model (text tower; image tower is lazy)")
-            scorer = ZeroShotScorer.for_backbone(backbone, prompt)
-            encoder = backbone
+            scorer = model.scorer(prompt)
             lap("tokenize + text tower")
-        scored = score_images(paths, encoder, scorer, cache=store, stats=stats)
+        scored = score_images(paths, model.image_encoder, scorer, cache=store, stats=stats)
         lap("score_images (lookups, decode, image tower, cache writes)")
     rank_scores(scored)
     lap("rank")
-    built = backbone is not None and image_tower_built(backbone)
+    built = model._backbone is not None and image_tower_built(model._backbone)
     print(
         json.dumps(
             {

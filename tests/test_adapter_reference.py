@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 
 from imgrank.errors import DataError, ModelError
 from imgrank.models.adapter import AdapterConfig, RankingAdapter
-from imgrank.models.backbone import Backbone, BackboneSpec, load_backbone
+from imgrank.models.clip.build import load_backbone
+from imgrank.models.clip.config import BackboneSpec
+from imgrank.models.clip.towers import Backbone
 from imgrank.training.losses import (
     adapter_loss,
     pair_labels,

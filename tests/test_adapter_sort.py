@@ -24,8 +24,10 @@ from typer.testing import CliRunner
 from imgrank.cli import app
 from imgrank.errors import AdapterMismatchError, ModelError
 from imgrank.models.adapter import AdapterConfig, RankingAdapter
-from imgrank.models.adapter_scoring import AdapterScorer, backbone_for
-from imgrank.models.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneSpec
+from imgrank.models.adapter_scoring import AdapterScorer
+from imgrank.models.loading import backbone_for
+from imgrank.models.clip.config import OPENAI_MEAN, OPENAI_STD, BackboneSpec
+from imgrank.models.clip.towers import Backbone
 from imgrank.models.checkpoints import load_model_folder, save_model_folder
 from imgrank.models.scoring import FeatureBatch
 
@@ -270,17 +272,19 @@ def test_a_cached_adapter_resort_builds_no_image_tower(
     reference("vit_tiny")
     from imgrank.features.cache import EmbeddingCache
     from imgrank.features.pipeline import score_images
-    from imgrank.models.adapter_scoring import load_adapter_scoring
-    from imgrank.models.backbone import image_tower_built
+    from imgrank.models.clip.build import image_tower_built
+    from imgrank.models.loading import load_model
+    from imgrank.models.selection import ModelSelection
 
     paths = sorted(photos.iterdir())
     db = tmp_path / "cache.sqlite3"
     runs = []
     for _ in range(2):
-        backbone, scorer = load_adapter_scoring(imported["vit_tiny"], PROMPT, device="cpu")
+        model = load_model(ModelSelection(adapter=imported["vit_tiny"], device="cpu"))
+        scorer = model.scorer(PROMPT)
         with EmbeddingCache.open(db) as cache:
-            runs.append(dict(score_images(paths, backbone, scorer, cache=cache)))
-        runs.append(image_tower_built(backbone))
+            runs.append(dict(score_images(paths, model.image_encoder, scorer, cache=cache)))
+        runs.append(image_tower_built(model.backbone()))
     first, first_built, second, second_built = runs
     assert first_built and not second_built
     assert set(first) == set(second) == set(paths)

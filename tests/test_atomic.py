@@ -161,7 +161,7 @@ def test_a_folder_on_a_file_system_without_hard_links(tmp_path: Path, no_hard_li
 
 def test_a_trained_model_folder_honours_the_umask(tmp_path: Path, umask_027: int) -> None:
     from imgrank.models.adapter import AdapterConfig, RankingAdapter
-    from imgrank.models.backbone import BackboneSpec
+    from imgrank.models.clip.config import BackboneSpec
     from imgrank.models.checkpoints import save_model_folder
 
     adapter = RankingAdapter(AdapterConfig(d_model=32, num_layers=1, n_head=4))

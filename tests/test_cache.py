@@ -34,7 +34,8 @@ runner = CliRunner()
 
 
 def _backbone(tiny_model: Path, *, lazy: bool = True):
-    from imgrank.models.backbone import BackboneSpec, load_backbone
+    from imgrank.models.clip.build import load_backbone
+    from imgrank.models.clip.config import BackboneSpec
 
     spec = BackboneSpec(model=str(tiny_model), pretrained="none")
     return load_backbone(spec, device="cpu", lazy_image_tower=lazy)
@@ -64,7 +65,7 @@ def _forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("a cache hit must not decode the photo")
 
-    monkeypatch.setattr("imgrank.features.pipeline.open_image", refuse)
+    monkeypatch.setattr("imgrank.images.decode.open_image", refuse)
 
 
 def _scores(result: list[tuple[Path, float]]) -> dict[str, float]:
@@ -86,7 +87,7 @@ def _write_entries(cache: EmbeddingCache, count: int, tag: str = "a") -> int:
 def test_resort_by_a_new_prompt_decodes_nothing_and_builds_no_image_tower(
     photo_dir: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from imgrank.models.backbone import image_tower_built
+    from imgrank.models.clip.build import image_tower_built
 
     paths = sorted(photo_dir.glob("*.jpg"))
     db = tmp_path / "cache.sqlite3"

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from imgrank.cli import app
 from imgrank.errors import OutputWriteError, AdapterMismatchError, ModelError, UnsafeOperationError
 from imgrank.models.adapter import AdapterConfig, RankingAdapter
-from imgrank.models.backbone import BackboneSpec, PreprocessConfig
+from imgrank.models.clip.config import BackboneSpec, PreprocessConfig
 from imgrank.models.checkpoints import (
     ADAPTER_FILE,
     BACKBONE_FILE,
@@ -242,11 +242,11 @@ def test_a_backbone_of_another_width_is_refused_at_save(tmp_path: Path) -> None:
 
 
 def test_a_local_weights_file_is_copied_into_the_folder(tmp_path: Path) -> None:
-    from imgrank.models.backbone import _build_clip
+    from imgrank.models.clip.build import build_clip
 
     config = json.loads(TINY_MODEL.read_text())
     torch.manual_seed(0)
-    clip = _build_clip(config)
+    clip = build_clip(config)
     weights = tmp_path / "tiny.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in clip.state_dict().items()}}, weights)
     before = weights.read_bytes()

@@ -149,9 +149,9 @@ def test_bad_option_values_are_usage_errors(photo_dir: Path) -> None:
 
 
 def test_offline_without_weights_is_one_clear_message(photo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import imgrank.models.backbone
+    import imgrank.models.clip.weights
 
-    monkeypatch.setattr(imgrank.models.backbone, "_reachable", lambda cfg, timeout=5.0: False)
+    monkeypatch.setattr(imgrank.models.clip.weights, "_reachable", lambda cfg, timeout=5.0: False)
     result = runner.invoke(app, ["sort", str(photo_dir), "--by", "image quality", "--device", "cpu"])
     assert result.exit_code == 4
     assert "not in" in result.stderr and "--pretrained FILE" in result.stderr
@@ -162,7 +162,8 @@ def test_local_weights_files_load_and_reproduce(photo_dir: Path, tmp_path: Path,
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    from imgrank.models.backbone import BackboneSpec, load_backbone
+    from imgrank.models.clip.build import load_backbone
+    from imgrank.models.clip.config import BackboneSpec
 
     torch.manual_seed(0)
     model = load_backbone(BackboneSpec(model=str(tiny_model), pretrained="none"), device="cpu").model

@@ -13,7 +13,7 @@ from PIL import Image
 
 from imgrank.errors import ImageDecodeError
 from imgrank.images.decode import find_images, load_pixels, open_image, resize_for_model
-from imgrank.models.backbone import PreprocessConfig
+from imgrank.models.clip.config import PreprocessConfig
 
 CROP = PreprocessConfig(image_size=32, resize_mode="crop")
 SQUASH = PreprocessConfig(image_size=32, resize_mode="squash", interpolation="bilinear")

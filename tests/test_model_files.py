@@ -1,6 +1,6 @@
 """Model files from strangers: a weights file must never be able to run code.
 
-``imgrank.models.backbone.read_state_dict`` reads ``.safetensors`` with safetensors
+``imgrank.models.clip.weights.read_state_dict`` reads ``.safetensors`` with safetensors
 and ``.pt``/``.bin``/``.pth`` with ``torch.load(weights_only=True)``; a pickle
 that would call a function while loading is refused with a message naming
 the file, and the function never runs.
@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from imgrank.errors import ModelError  # noqa: E402
-from imgrank.models.backbone import read_state_dict  # noqa: E402
+from imgrank.models.clip.weights import read_state_dict  # noqa: E402
 
 
 class _RunsCodeWhenUnpickled:

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from imgrank.cli import app
 from imgrank.errors import ModelError, UnsafeOperationError, UsageError
 from imgrank.features.pipeline import score_images
-from imgrank.models.backbone import BackboneSpec, load_backbone
+from imgrank.models.clip.build import load_backbone
+from imgrank.models.clip.config import BackboneSpec
 from imgrank.models.onnx_export import (
     TOKENIZER_PROBES,
     build_clip_tokenizer,

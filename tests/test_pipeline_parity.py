@@ -109,7 +109,8 @@ def large_photo_set(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory: pytest.TempPathFactory):
-    from imgrank.models.backbone import BackboneSpec, load_backbone
+    from imgrank.models.clip.build import load_backbone
+    from imgrank.models.clip.config import BackboneSpec
 
     config = tmp_path_factory.mktemp("parity-model") / "vit-112.json"
     config.write_text(json.dumps(MODEL_CONFIG))
@@ -167,7 +168,7 @@ def _fast_features(
         decoded[path.name] = image.size
         return image
 
-    monkeypatch.setattr("imgrank.features.pipeline.open_image", spying_open)
+    monkeypatch.setattr("imgrank.images.decode.open_image", spying_open)
     fast = Recorder(tokens=True)
     result = score_images(paths, backbone, fast, batch_size=8, workers=2)
     assert [path for path, _score in result] == paths

@@ -19,8 +19,9 @@ import torch
 from conftest import TINY_MODEL
 from safetensors.torch import save_file
 
-from imgrank.models.backbone import BackboneSpec, load_backbone
-from imgrank.models.text_only import BackboneOnDemand, light_text_encoder
+from imgrank.models.clip.build import load_backbone
+from imgrank.models.clip.config import BackboneSpec
+from imgrank.models.clip.light_text import light_text_encoder
 
 TEXTS = ["a photo of high image quality.", "a photo of low image quality.", "Rank the numbers of horse."]
 
@@ -73,15 +74,30 @@ def test_only_plain_configs_and_weight_files_qualify(tmp_path: Path) -> None:
     assert light_text_encoder(BackboneSpec(model="ViT-B-32", pretrained="laion2b_s34b_b79k"), "cpu") is None
 
 
-def test_backbone_on_demand_builds_the_backbone_when_a_photo_needs_encoding(tmp_path: Path) -> None:
+def test_a_warm_model_builds_the_backbone_when_a_photo_needs_encoding(
+    tmp_path: Path, photo_dir: Path
+) -> None:
+    from imgrank.features.cache import EmbeddingCache
+    from imgrank.features.pipeline import score_images
+    from imgrank.models.loading import load_model
+    from imgrank.models.selection import ModelSelection
+
     weights = _weights_file(TINY_MODEL, tmp_path)
     spec = BackboneSpec(model=str(TINY_MODEL), pretrained=str(weights))
-    light = light_text_encoder(spec, "cpu")
-    assert light is not None
-    on_demand = BackboneOnDemand(spec, light, "cpu", None)
-    assert on_demand.backbone is None
+    selection = ModelSelection(model=spec.model, pretrained=spec.pretrained, device="cpu")
+    paths = sorted(photo_dir.iterdir())
+    with EmbeddingCache.open(tmp_path / "cache.sqlite3") as cache:
+        cold = load_model(selection)
+        assert not cold.fully_cached(paths, cache)
+        score_images(paths, cold.image_encoder, cold.scorer("quality"), cache=cache)
+        warm = load_model(selection)
+        assert warm.fully_cached(paths, cache)
+        warm.scorer("quality", images_cached=True)
+        assert warm._backbone is None  # served by the light text tower
+        # Same cache key as the backbone a cold run builds.
+        assert warm.fingerprint == cold.fingerprint
     pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    got = on_demand.encode_pixels(pixels)
+    got = warm.image_encoder.encode_pixels(pixels)  # a photo changed after the check
     expected = load_backbone(spec, device="cpu").encode_pixels(pixels)
     assert np.allclose(got.pooled, expected.pooled, atol=1e-6)
 

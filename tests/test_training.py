@@ -24,15 +24,15 @@ from typer.testing import CliRunner
 
 from imgrank.cli import app
 from imgrank.errors import DataError, UnsafeOperationError
-from imgrank.models.backbone import BackboneSpec
+from imgrank.models.clip.config import BackboneSpec
 from imgrank.training.datasets import LabelRow, LabelSet, load_labels
+from imgrank.training.encoding import encode_images
 from imgrank.training.fit import (
     EpochRecord,
     TrainingReporter,
     TrainSettings,
     _is_better,
     adapter_threads,
-    encode_images,
     lr_factor,
     make_batches,
     split_validation,
@@ -409,7 +409,7 @@ def test_bad_settings_are_refused_before_any_work(counting: Path, tmp_path: Path
 
 def test_second_encoding_comes_from_the_cache(counting: Path) -> None:
     from imgrank.features.cache import open_cache
-    from imgrank.models.backbone import load_backbone
+    from imgrank.models.clip.build import load_backbone
 
     backbone = load_backbone(TINY_SPEC, device="cpu")
     paths = _tiny_labels(counting, 8).paths()
@@ -508,7 +508,7 @@ def test_an_out_link_to_an_empty_folder_is_refused_before_training(
     def no_training(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the destination must be refused before any training")
 
-    monkeypatch.setattr("imgrank.models.backbone.load_backbone", no_training)
+    monkeypatch.setattr("imgrank.models.clip.build.load_backbone", no_training)
     result = invoke("train", str(counting / "train.tsv"), "--out", str(out), *tiny_args())
     assert result.exit_code == UnsafeOperationError.exit_code, result.output
     assert str(out) in result.stderr and "not a folder" in result.stderr

@@ -43,7 +43,7 @@ def test_an_unsafe_torch_reads_no_pickled_weights_but_safetensors_still(
     import torch
     from safetensors.torch import save_file
 
-    from imgrank.models.backbone import read_state_dict
+    from imgrank.models.clip.weights import read_state_dict
 
     state = {"w": torch.ones(2)}
     torch.save(state, tmp_path / "weights.pt")

@@ -4,7 +4,7 @@ Re-running into an existing dataset embeds only the photos that are new or
 changed (size or modification time) since they were stored; the rows of a
 changed photo are replaced, rows of photos no longer listed are kept.
 Both engines run the local engine's decode and the model's ``encode_pixels``:
-the local engine through :func:`imgrank.features.pipeline.decode_batches`, the
+the local engine through :func:`imgrank.features.stream.decode_batches`, the
 ray engine through :func:`imgrank.engines.ray.embed_on_ray`.
 """
 
@@ -32,7 +32,7 @@ from imgrank.features.parquet import (
 )
 from imgrank.images.sources import Source, is_uri
 from imgrank.ranking import SkippedFile
-from imgrank.sorter import SortCallbacks, SortRequest, list_inputs, load_encoder_and_scorer
+from imgrank.sorter import SortCallbacks, SortRequest, list_inputs
 
 
 @dataclass
@@ -93,7 +93,10 @@ def embed(
         callbacks.skip(item)
 
     sources = list_inputs(request, on_skip)
-    encoder, _scorer = load_encoder_and_scorer(request, warn=callbacks.warn)
+    from imgrank.models.loading import load_model
+
+    model = load_model(request.selection(), warn=callbacks.warn)
+    encoder = model.image_encoder
     probe = _probe(encoder, want_tokens)
     info = DatasetInfo.for_encoder(encoder, probe[0], probe[1])
     result.model = info.model
@@ -183,7 +186,7 @@ def _embed_locally(
     callbacks: SortCallbacks,
 ) -> list[Path]:
     """The local engine: the pipeline's decode pool and the encoder, shards of SHARD_ROWS."""
-    from imgrank.features.pipeline import decode_batches
+    from imgrank.features.stream import decode_batches
 
     callbacks.found(len(sources))
     shards: list[Path] = []

@@ -11,18 +11,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
 import numpy as np
 
 from imgrank.errors import NoImagesRankedError, UsageError
 from imgrank.features.cache import EmbeddingCache
 from imgrank.features.parquet import is_dataset
-from imgrank.features.pipeline import DEFAULT_BATCH_SIZE, ImageEncoder, PipelineStats, score_images
+from imgrank.features.pipeline import DEFAULT_BATCH_SIZE, PipelineStats, score_images
 from imgrank.images.decode import DEFAULT_MAX_PIXELS
 from imgrank.images.raw import INSTALL_HINT, RAW_PAIR_MODES, pair_raw_files
 from imgrank.images.sources import Source, is_uri
-from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
-from imgrank.models.scoring import Scorer
+from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from imgrank.models.selection import ModelSelection
 from imgrank.ranking import Ranking, SkippedFile, rank_scores
 
 ENGINES = ("local", "ray")
@@ -57,7 +56,7 @@ class SortRequest:
     #: the adapter's own backbone is used and ``model``/``pretrained`` are ignored).
     model_given: bool = False
     pretrained_given: bool = False
-    #: ``torch``, ``onnx``, or None: onnx when ``onnx`` is set (imgrank.models.onnx_runtime.wants_onnx).
+    #: ``torch``, ``onnx``, or None: onnx when ``onnx`` is set (see imgrank.models.selection).
     runtime: str | None = None
     #: A folder written by ``imgrank export``, for the onnx runtime.
     onnx: Path | None = None
@@ -73,6 +72,24 @@ class SortRequest:
     #: The ray engine's encode actor pool (None: imgrank.engines.ray.RayOptions defaults).
     ray_actors: int | None = None
     ray_cpus_per_actor: float | None = None
+
+    def selection(self) -> ModelSelection:
+        """The model part of the request, with only what the user gave (None: not given).
+
+        Without a model folder or an export, ``model``/``pretrained`` always
+        count (their defaults name the default backbone); with one, only when
+        given explicitly, so the folder's own backbone applies otherwise.
+        """
+        by_folder = self.adapter is not None or self.onnx is not None
+        return ModelSelection(
+            model=self.model if self.model_given or not by_folder else None,
+            pretrained=self.pretrained if self.pretrained_given or not by_folder else None,
+            adapter=self.adapter,
+            runtime=self.runtime,
+            onnx=self.onnx,
+            providers=self.providers,
+            device=self.device,
+        )
 
 
 @dataclass
@@ -95,11 +112,11 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         NoImagesRankedError: no image could be ranked.
         ModelError: the backbone cannot be loaded.
     """
-    from imgrank.models.onnx_runtime import wants_onnx
+    from imgrank.models.loading import load_model
 
     callbacks = callbacks or SortCallbacks()
     validate_request(request)
-    use_onnx = wants_onnx(request)  # checks the runtime options before any work
+    resolved = request.selection().resolve()  # checks the model options before any work
 
     started = time.perf_counter()
     skipped: list[SkippedFile] = []
@@ -129,16 +146,18 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         # The SQLite cache keys files by stat(); objects in a store have no such identity here.
         request = replace(request, use_cache=False)
 
-    scorer: Scorer
-    encoder: ImageEncoder
     cache = _open_cache(request, callbacks.warn)
     try:
-        encoder, scorer = _encoder_and_scorer(request, use_onnx, paths, cache, callbacks)
+        model = load_model(resolved, warn=callbacks.warn)
+        # Every photo cached: score without building the image tower (and, for zero-shot
+        # and heads, without importing open_clip: 1.4 s of a 2.5 s re-sort).
+        warm = cache is not None and model.fully_cached(paths, cache)  # type: ignore[arg-type]
+        scorer = model.scorer(request.prompt, request.against, images_cached=warm)
         callbacks.found(len(paths))
         stats = PipelineStats()
         scored = score_images(
-            paths,
-            encoder,
+            paths,  # type: ignore[arg-type]
+            model.image_encoder,
             scorer,
             batch_size=request.batch_size,
             workers=request.workers,
@@ -257,11 +276,15 @@ def _rank_dataset(request: SortRequest, callbacks: SortCallbacks, started: float
     """
     from imgrank.errors import ModelError
     from imgrank.features.parquet import iter_stored, read_info, shard_files
-    from imgrank.features.pipeline import cache_fingerprint, describe_encoder
+    from imgrank.features.stream import cache_fingerprint, describe_encoder
 
     folder = Path(request.folder)
     info = read_info(folder)
-    encoder, scorer = load_encoder_and_scorer(request, warn=callbacks.warn)  # no image tower
+    from imgrank.models.loading import load_model
+
+    model = load_model(request.selection(), warn=callbacks.warn)
+    encoder = model.image_encoder
+    scorer = model.scorer(request.prompt, request.against)  # no image tower is built
     if cache_fingerprint(encoder) != info.fingerprint:
         raise ModelError(
             f"{folder} holds features of {info.model}, but this sort's model is "
@@ -305,77 +328,6 @@ def _stored_rows(shards: list[Path]) -> int:
     import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
-
-
-def load_encoder_and_scorer(
-    request: SortRequest, warn: Callable[[str], None] | None = None
-) -> tuple[ImageEncoder, Scorer]:
-    """The image encoder and scorer of a request, without a cache: what every ray actor loads."""
-    from imgrank.models.onnx_runtime import wants_onnx
-
-    callbacks = SortCallbacks(warn=warn or (lambda _message: None))
-    return _encoder_and_scorer(request, wants_onnx(request), [], None, callbacks)
-
-
-def _encoder_and_scorer(
-    request: SortRequest,
-    use_onnx: bool,
-    paths: list[Source],
-    cache: EmbeddingCache | None,
-    callbacks: SortCallbacks,
-) -> tuple[ImageEncoder, Scorer]:
-    """The image encoder and scorer a request asks for, built as cheaply as possible."""
-    from imgrank.models.backbone import load_backbone
-    from imgrank.models.onnx_runtime import onnx_sort_setup
-    from imgrank.models.scoring import ZeroShotScorer
-
-    encoder: ImageEncoder
-    scorer: Scorer
-    if use_onnx:
-        # onnxruntime end to end: nothing on this path imports torch.
-        encoder, scorer = onnx_sort_setup(request, warn=callbacks.warn)
-    elif request.adapter is not None:
-        from imgrank.models.adapter_scoring import load_adapter_scoring
-
-        if request.against is not None:
-            raise UsageError("--against is for zero-shot scoring; an adapter reads --by as it is")
-        backbone, scorer = load_adapter_scoring(
-            request.adapter,
-            request.prompt,
-            model=request.model if request.model_given else None,
-            pretrained=request.pretrained if request.pretrained_given else None,
-            device=request.device,
-            warn=callbacks.warn,
-        )
-        encoder = backbone
-    else:
-        spec = BackboneSpec(model=request.model, pretrained=request.pretrained)
-        if cache is not None:
-            # Every photo cached: encode the prompt without importing open_clip (1.4 s of a
-            # 2.5 s re-sort); see imgrank.models.text_only.
-            from imgrank.models.text_only import warm_zero_shot
-
-            warm = warm_zero_shot(
-                spec,
-                request.prompt,
-                request.against,
-                paths,
-                cache,
-                device=request.device,
-                warn=callbacks.warn,
-            )
-            if warm is not None:
-                return warm
-        backbone = load_backbone(
-            spec,
-            device=request.device,
-            warn=callbacks.warn,
-            # Built on first use: a re-sort served from the cache needs no image tower.
-            lazy_image_tower=True,
-        )
-        scorer = ZeroShotScorer.for_backbone(backbone, request.prompt, request.against)
-        encoder = backbone
-    return encoder, scorer
 
 
 def _nothing_found_message(request: SortRequest, skipped: list[SkippedFile]) -> str:

@@ -11,7 +11,7 @@ from imgrank.cli.common import check_before_writing, err_console, handle_errors,
 from imgrank.errors import UsageError
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE
 from imgrank.images.decode import DEFAULT_MAX_PIXELS
-from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from imgrank.ranking import SkippedFile
 
 

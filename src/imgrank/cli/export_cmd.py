@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from imgrank.cli.common import check_before_writing, err_console, handle_errors, option_given, warn
-from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 
 @handle_errors

@@ -26,7 +26,7 @@ from imgrank.files.writers import FORMATS
 from imgrank.images.decode import DEFAULT_MAX_PIXELS
 
 # These modules import torch only inside functions, so importing them here is cheap.
-from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from imgrank.ranking import SkippedFile
 
 if TYPE_CHECKING:

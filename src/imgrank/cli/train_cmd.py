@@ -22,7 +22,7 @@ from imgrank.cli.common import (
 )
 
 # These modules import torch only inside functions, so importing them here is cheap.
-from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
+from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
 from imgrank.training.fit import EpochRecord, TrainingReporter, TrainSettings
 
 if TYPE_CHECKING:
@@ -395,8 +395,20 @@ def evaluate(
 
         imgrank eval test.tsv --adapter my-model --json > metrics.json
     """
+    from imgrank.models.selection import ModelSelection
     from imgrank.training.datasets import load_labels
-    from imgrank.training.fit import evaluate_labels
+    from imgrank.training.evaluate import evaluate_labels
+
+    # Without --adapter the defaults name the backbone; with one, only what was typed counts.
+    model_typed = adapter is None or option_given(ctx, "model")
+    pretrained_typed = adapter is None or option_given(ctx, "pretrained")
+    selection = ModelSelection(
+        model=model if model_typed else None,
+        pretrained=pretrained if pretrained_typed else None,
+        adapter=adapter,
+        device=device,
+    )
+    selection.resolve()  # option mistakes before reading thousands of files
 
     route_library_warnings(quiet=quiet)
     labels = load_labels(data, prompt=prompt)
@@ -404,11 +416,7 @@ def evaluate(
     with _Display(quiet=quiet) as display:
         result = evaluate_labels(
             labels,
-            adapter=adapter,
-            backbone_spec=BackboneSpec(model=model, pretrained=pretrained),
-            model=model if adapter is not None and option_given(ctx, "model") else None,
-            pretrained=pretrained if adapter is not None and option_given(ctx, "pretrained") else None,
-            device=device,
+            selection,
             round_predictions=round_predictions,
             cache=_cache_choice(cache, no_cache),
             batch_size=batch_size,

@@ -5,12 +5,12 @@ once, so memory does not grow with the number of photos):
 
 1. **list** (driver): the same listing as the local engine
    (:func:`imgrank.sorter.list_inputs`); only ``(index, source)`` travels.
-2. **decode** (CPU tasks): :func:`imgrank.features.pipeline.decode_for_model`
+2. **decode** (CPU tasks): :func:`imgrank.images.decode.load_pixels`
    per file, the local engine's decode; a file that cannot be used becomes a
-   row with its reason (:func:`imgrank.features.pipeline.skip_reason`, the
+   row with its reason (:func:`imgrank.features.stream.skip_reason`, the
    local engine's words) instead of failing the job.
 3. **encode + score** (an actor pool): each actor loads the model once
-   (:func:`imgrank.sorter.load_encoder_and_scorer`, the local loader) and
+   (:func:`imgrank.models.loading.load_model`, the one loader) and
    runs ``encoder.encode_pixels`` and ``scorer.score`` on each batch. Actors
    take a GPU each where the cluster has GPUs, CPUs otherwise.
 4. **order** (driver): scores are *gathered*, not sorted in Ray. Every
@@ -43,7 +43,7 @@ from imgrank.ranking import SkippedFile
 if TYPE_CHECKING:
     import ray.data
 
-    from imgrank.models.backbone import PreprocessConfig
+    from imgrank.models.clip.config import PreprocessConfig
     from imgrank.sorter import SortCallbacks, SortRequest
 
 #: Rows per input block: enough blocks for every decode CPU, few enough for Ray's bookkeeping.
@@ -211,7 +211,8 @@ def decode_stage(
     batch: dict[str, np.ndarray], *, preprocess: PreprocessConfig, max_pixels: int
 ) -> dict[str, np.ndarray]:
     """Decode a batch of files with the local engine's decode; failures keep their reason."""
-    from imgrank.features.pipeline import decode_for_model, skip_reason
+    from imgrank.features.stream import skip_reason
+    from imgrank.images.decode import load_pixels
 
     count = len(batch["index"])
     size = preprocess.image_size
@@ -219,7 +220,7 @@ def decode_stage(
     reasons = np.full(count, "", dtype=object)
     for row, raw in enumerate(batch["source"]):
         try:
-            pixels[row] = decode_for_model(_decode_source(raw), preprocess, max_pixels=max_pixels)
+            pixels[row] = load_pixels(_decode_source(raw), preprocess, max_pixels=max_pixels)
         except Exception as exc:  # noqa: BLE001 - one bad file must never fail the job
             reasons[row] = skip_reason(exc) or "unreadable"
     out = {key: value for key, value in batch.items() if key != "source"}
@@ -252,10 +253,11 @@ class EncodeActor:
     ) -> None:
         import ray
 
-        from imgrank.sorter import load_encoder_and_scorer
+        from imgrank.models.loading import load_model
 
         _set_threads(cpus)
-        self.encoder, self.scorer = load_encoder_and_scorer(request)
+        model = load_model(request.selection())
+        self.encoder, self.scorer = model.image_encoder, model.scorer(request.prompt, request.against)
         self.node = ray.get_runtime_context().get_node_id()
         self.features = features
         self.tokens = tokens
@@ -396,13 +398,14 @@ def rank_on_ray(
         ``(source, score)`` of every image scored, in input order, and the scorer's name.
         Skipped files go to ``on_skip`` in input order, with the local engine's reasons.
     """
-    from imgrank.sorter import load_encoder_and_scorer
+    from imgrank.models.loading import load_model
 
     _require_session()
     stats = stats if stats is not None else RayRunStats()
     # The driver loads the model too (lazily: no image tower) for the preprocessing and
     # the scorer's name, and so a broken model fails here, before any cluster work.
-    encoder, scorer = load_encoder_and_scorer(request, warn=callbacks.warn)
+    model = load_model(request.selection(), warn=callbacks.warn)
+    encoder, scorer = model.image_encoder, model.scorer(request.prompt, request.against)
     options = ray_options(request)
     stats.options = options
     callbacks.found(len(sources))
@@ -523,10 +526,10 @@ class ScoreActor:
     """Scores stored features: the local loader's scorer, no image tower ever built."""
 
     def __init__(self, request: SortRequest, cpus: float, token_shape: list[int] | None) -> None:
-        from imgrank.sorter import load_encoder_and_scorer
+        from imgrank.models.loading import load_model
 
         _set_threads(cpus)
-        _encoder, self.scorer = load_encoder_and_scorer(request)
+        self.scorer = load_model(request.selection()).scorer(request.prompt, request.against)
         self.token_shape = token_shape
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

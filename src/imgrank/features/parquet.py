@@ -41,7 +41,7 @@ from imgrank.images.sources import Source, is_uri
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from imgrank.features.pipeline import ImageEncoder
+    from imgrank.features.stream import ImageEncoder
     from imgrank.models.scoring import FeatureBatch
 
 #: The leading underscore keeps pyarrow, pandas and Ray from reading it as a shard.
@@ -71,7 +71,8 @@ class DatasetInfo:
 
     @classmethod
     def for_encoder(cls, encoder: ImageEncoder, embed_dim: int, token_shape: list[int] | None) -> DatasetInfo:
-        from imgrank.features.pipeline import DECODE_VERSION, cache_fingerprint, describe_encoder
+        from imgrank.features.stream import cache_fingerprint, describe_encoder
+        from imgrank.images.decode import DECODE_VERSION
 
         return cls(
             model=describe_encoder(encoder),

@@ -1,344 +1,41 @@
-"""Streaming: cache lookup -> decode pool -> pixel batches -> image encoder -> cache + scorer.
+"""Sorting's consumer of the feature stream: every file's features -> one score per file.
 
-The work for one run, in order:
+:func:`score_images` runs :func:`imgrank.features.stream.iter_features` and a
+scorer over its batches. The stream does the work (cache lookups, the decode
+pool, the image tower, cache writes); this module only scores and keeps the
+results in input order.
 
-1. Every file is stat'ed and looked up in the embedding cache (when one is
-   given) in chunks; hits are scored straight from the stored features, so a
-   re-sort of an unchanged folder decodes nothing and runs no image tower.
-2. The misses are decoded in a thread pool (Pillow releases the GIL while it
-   decodes and resizes) while the main thread runs the model on the previous
-   batch. The number of images in flight is bounded, so memory does not grow
-   with the size of the folder.
-3. Each encoded batch is scored and its features are queued for the cache,
-   which commits every few hundred images.
-
-JPEGs are decoded with DCT scaling (Pillow's draft mode) to the smallest size
-that still covers twice the model input: a 12 MP photo becomes 1000x750
-pixels without ever being decoded or resized at full size, which is where most
-of the time of a plain "open, resize, encode" loop goes (about 35 ms instead
-of 100 ms of CPU per photo). The rankings stay those of a full
-decode (``tests/test_pipeline_parity.py`` holds the fast path to a Spearman
-correlation of at least 0.999 against a straightforward full-decode path).
-
-This module is runtime-agnostic: the encoder may be the torch backbone or an
-onnxruntime session, as long as it follows :class:`ImageEncoder`. It does not
-import torch.
+JPEGs are decoded with DCT scaling (see :func:`imgrank.images.decode.load_pixels`):
+the rankings stay those of a full decode (``tests/test_pipeline_parity.py``
+holds the fast path to a Spearman correlation of at least 0.999 against a
+straightforward full-decode path).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import sys
-import threading
+import contextlib
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from imgrank.errors import CacheError, ImageDecodeError, ModelError
-from imgrank.images.decode import (
-    DEFAULT_MAX_PIXELS,
-    open_image,
-    resize_for_model,
-    to_normalized_array,
+from imgrank.errors import ModelError
+from imgrank.features.stream import (
+    DEFAULT_BATCH_SIZE,
+    ImageEncoder,
+    PipelineStats,
+    iter_features,
 )
-from imgrank.models.backbone import PreprocessConfig
-from imgrank.models.scoring import FeatureBatch, Scorer
+from imgrank.images.decode import DEFAULT_MAX_PIXELS
+from imgrank.models.scoring import Scorer
 from imgrank.ranking import SkippedFile
 
 if TYPE_CHECKING:
-    from imgrank.features.cache import EmbeddingCache, FileKey
+    from imgrank.features.cache import EmbeddingCache
 
-DEFAULT_BATCH_SIZE = 32
-
-#: Files stat'ed and looked up in the cache per query.
-LOOKUP_CHUNK = 256
-
-#: JPEGs are decoded at the smallest DCT scale whose sides are at least this
-#: many times the model input. 1 would be the bare minimum, but on the parity
-#: test it moved close rankings (Spearman 0.998 against a full decode, pixel
-#: differences 10x larger) while saving only ~5 ms of the ~35 ms a 12 MP photo
-#: costs: the entropy decoding of the whole file dominates either way.
-DRAFT_COVERAGE = 2
-
-#: Bumped whenever decoding changes the pixels the model sees (draft scale,
-#: orientation, colour handling): cached features of older versions are then
-#: not reused. Part of every cache fingerprint.
-DECODE_VERSION = f"draft-{DRAFT_COVERAGE}x-v1"
-
-
-class ImageEncoder(Protocol):
-    """An image tower: the torch :class:`imgrank.models.backbone.Backbone` or an ONNX session.
-
-    Optional extras the pipeline uses when present: ``description`` (a short
-    text for ``imgrank cache info``) and ``provides_tokens`` (False when the
-    encoder cannot output visual tokens, so the cache stores pooled embeddings only).
-    """
-
-    preprocess: PreprocessConfig
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the features produced (architecture, weights, preprocessing)."""
-        ...
-
-    def encode_pixels(self, pixels: np.ndarray, *, tokens: bool = False) -> FeatureBatch:
-        """Features of normalised pixels (N, 3, S, S)."""
-        ...
-
-
-#: How much nicer than the model the decode threads are (Linux). The model's
-#: OpenMP threads wait for each other at every operation, so a decode thread
-#: preempting one of them stalls all; at a lower priority decoding fills the
-#: model's idle moments instead (7 % faster on an idle 2-core machine).
-DECODE_NICENESS = 5
-
-
-def default_workers() -> int:
-    """Decode threads: one per core (decoding and the model share the machine)."""
-    return max(1, os.cpu_count() or 1)
-
-
-def _lower_decode_priority() -> None:
-    """Thread-pool initializer: make this decode thread nicer than the model's threads."""
-    if not sys.platform.startswith("linux"):
-        return  # elsewhere the priority call would apply to the whole process
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), current + DECODE_NICENESS)
-    except OSError:
-        pass  # not allowed here (a sandbox): decoding at normal priority still works
-
-
-@dataclass
-class PipelineStats:
-    """Where a run's time went; filled in by :func:`score_images` when passed.
-
-    Attributes:
-        cache_hits: images scored from the cache.
-        cache_misses: images that had to be decoded and encoded.
-        skipped: files left out (unreadable, gone, not an image).
-        lookup_seconds: wall time of stat calls and cache reads.
-        decode_cpu_seconds: CPU time spent decoding, summed over the decode threads.
-        wait_seconds: wall time the main thread waited for decoded pixels
-            (large means decoding, not the model, limits the run).
-        encode_seconds: wall time in the image tower.
-        score_seconds: wall time in the scorer.
-        store_seconds: wall time writing features to the cache.
-    """
-
-    cache_hits: int = 0
-    cache_misses: int = 0
-    skipped: int = 0
-    lookup_seconds: float = 0.0
-    decode_cpu_seconds: float = 0.0
-    wait_seconds: float = 0.0
-    encode_seconds: float = 0.0
-    score_seconds: float = 0.0
-    store_seconds: float = 0.0
-
-
-@dataclass
-class DecodedBatch:
-    """Pixels of the images of one batch that decoded, in input order.
-
-    ``indices`` are the positions of the images in the sequence given to
-    :func:`decode_batches`.
-    """
-
-    paths: list[Path]
-    pixels: np.ndarray
-    indices: list[int] = field(default_factory=list)
-
-
-def decode_for_model(
-    path: Path,
-    preprocess: PreprocessConfig,
-    *,
-    draft: bool = True,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> np.ndarray:
-    """Decode one file into the model's normalised (3, S, S) float32 input.
-
-    With ``draft`` a JPEG is decoded at the smallest DCT scale (1/2, 1/4 or
-    1/8) whose both sides still cover :data:`DRAFT_COVERAGE` times the model
-    input, so the antialiased resize that follows only shrinks a small image.
-    Without it the file is decoded at full size (the reference path).
-
-    Raises:
-        ImageDecodeError: the file cannot be used.
-    """
-    min_side = DRAFT_COVERAGE * preprocess.image_size if draft else None
-    image = open_image(path, min_side=min_side, max_pixels=max_pixels)
-    return to_normalized_array(resize_for_model(image, preprocess), preprocess)
-
-
-def skip_reason(exc: Exception) -> str:
-    """Why a file whose decode raised ``exc`` is skipped: the same words on every engine."""
-    if isinstance(exc, ImageDecodeError):
-        return exc.reason
-    return f"unexpected error: {type(exc).__name__}: {exc}"
-
-
-def decode_batches(
-    paths: Iterable[Path],
-    preprocess: PreprocessConfig,
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    workers: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    draft: bool = True,
-    on_skip: Callable[[SkippedFile], None] | None = None,
-    stats: PipelineStats | None = None,
-) -> Iterator[DecodedBatch]:
-    """Decode images in a thread pool and yield them in input order, batch by batch.
-
-    At most ``max(2 * batch_size, workers)`` images are decoded ahead of the
-    consumer, so a folder of 100,000 photos needs no more memory than one of 100.
-    The first batch holds only ``2 * workers`` images, so the model starts early.
-    A file that cannot be used is reported through ``on_skip`` and left out.
-    """
-    workers = workers or default_workers()
-    in_flight_limit = max(2 * batch_size, workers)
-    # The first batch is small so the model starts after a few decodes instead
-    # of a whole batch's worth (about half a second of an idle model on 2 cores).
-    wanted = max(1, min(batch_size, 2 * workers))
-
-    def decode(path: Path) -> tuple[np.ndarray, float]:
-        started = time.thread_time()
-        pixels = decode_for_model(path, preprocess, draft=draft, max_pixels=max_pixels)
-        return pixels, time.thread_time() - started
-
-    pending: deque[tuple[int, Path, Future[tuple[np.ndarray, float]]]] = deque()
-    batch_indices: list[int] = []
-    batch_paths: list[Path] = []
-    batch_pixels: list[np.ndarray] = []
-    source = enumerate(paths)
-    with ThreadPoolExecutor(
-        max_workers=workers,
-        thread_name_prefix="imgrank-decode",
-        initializer=_lower_decode_priority,
-    ) as pool:
-
-        def refill() -> None:
-            while len(pending) < in_flight_limit:
-                item = next(source, None)
-                if item is None:
-                    return
-                index, path = item
-                pending.append((index, path, pool.submit(decode, path)))
-
-        try:
-            refill()
-            while pending:
-                index, path, future = pending.popleft()
-                waited = time.perf_counter()
-                try:
-                    pixels, cpu_seconds = future.result()
-                except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
-                    if on_skip is not None:
-                        on_skip(SkippedFile(path, skip_reason(exc)))
-                else:
-                    batch_indices.append(index)
-                    batch_paths.append(path)
-                    batch_pixels.append(pixels)
-                    if stats is not None:
-                        stats.decode_cpu_seconds += cpu_seconds
-                if stats is not None:
-                    stats.wait_seconds += time.perf_counter() - waited
-                refill()
-                if len(batch_paths) == wanted:
-                    yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices)
-                    batch_indices, batch_paths, batch_pixels = [], [], []
-                    wanted = batch_size
-            if batch_paths:
-                yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices)
-        finally:
-            # Interrupted (Ctrl-C, an error in the consumer): do not decode the rest.
-            for _index, _path, future in pending:
-                future.cancel()
-
-
-def cache_fingerprint(encoder: ImageEncoder) -> str:
-    """The cache's model key: encoder fingerprint + preprocessing + decoding version."""
-    parts = (encoder.fingerprint, encoder.preprocess.fingerprint(), DECODE_VERSION)
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
-
-
-def describe_encoder(encoder: ImageEncoder) -> str:
-    """A short human description of an encoder for ``imgrank cache info``."""
-    explicit = getattr(encoder, "description", None)
-    if isinstance(explicit, str) and explicit:
-        base = explicit
-    else:
-        name = getattr(encoder, "name", None)
-        pretrained = getattr(encoder, "pretrained", None)
-        folder = getattr(getattr(encoder, "model", None), "folder", None)
-        if isinstance(name, str):
-            base = name + (f" / {pretrained}" if isinstance(pretrained, str) else "")
-        elif isinstance(folder, Path):
-            base = f"ONNX {folder}"
-        else:
-            base = type(encoder).__name__
-    pp = encoder.preprocess
-    return f"{base}, {pp.image_size}px {pp.resize_mode}"
-
-
-class _CacheSession:
-    """The pipeline's use of one cache for one encoder; turns cache failures into warnings.
-
-    A cache that cannot be read or written (damaged mid-run, a full disk) must
-    not fail a sort that can run without it: the first failure is reported and
-    the rest of the run goes on uncached.
-    """
-
-    def __init__(
-        self, cache: EmbeddingCache, encoder: ImageEncoder, warn: Callable[[str], None]
-    ) -> None:
-        self.cache: EmbeddingCache | None = cache
-        self._warn = warn
-        self.model_id = -1
-        try:
-            self.model_id = cache.model_id(cache_fingerprint(encoder), describe_encoder(encoder))
-        except CacheError as exc:
-            self._disable(exc)
-        except Exception as exc:  # noqa: BLE001 - sqlite3 errors: the cache is unusable
-            self._disable(CacheError(f"cannot use the embedding cache {cache.path}: {exc}"))
-
-    def _disable(self, exc: Exception) -> None:
-        self._warn(f"{exc}; going on without the cache for this run")
-        self.cache = None
-
-    def get_many(self, keys: list[FileKey], *, tokens: bool) -> dict[str, Any]:
-        if self.cache is None or not keys:
-            return {}
-        try:
-            return self.cache.get_many(self.model_id, keys, tokens=tokens)
-        except Exception as exc:  # noqa: BLE001 - CacheError or sqlite3 errors alike
-            self._disable(exc)
-            return {}
-
-    def put(self, key: FileKey, pooled: np.ndarray, tokens: np.ndarray | None) -> None:
-        if self.cache is None:
-            return
-        try:
-            self.cache.put(self.model_id, key, pooled, tokens)
-        except Exception as exc:  # noqa: BLE001
-            self._disable(exc)
-
-    def flush(self) -> None:
-        if self.cache is None:
-            return
-        try:
-            self.cache.flush()
-        except Exception as exc:  # noqa: BLE001
-            self._disable(exc)
+__all__ = ["DEFAULT_BATCH_SIZE", "ImageEncoder", "PipelineStats", "score_images"]
 
 
 def score_images(
@@ -360,169 +57,48 @@ def score_images(
 
     Args:
         paths: image files, in any order.
-        encoder: the image tower. With a cache it only runs on misses, so a
-            lazily built tower (``load_backbone(..., lazy_image_tower=True)``)
-            is never built when everything is cached.
-        scorer: turns features into scores.
-        batch_size: images per forward pass.
-        workers: decode threads (default: one per core).
-        max_pixels: decompression-bomb guard.
-        on_skip: called for each file left out, with the reason.
+        encoder: the image tower (``RankingModel.image_encoder``).
+        scorer: turns features into scores (``RankingModel.scorer(prompt)``).
         on_progress: called with the number of files finished (scored or
             skipped) since the last call.
-        cache: an open embedding cache, or None to compute everything. The
-            caller closes it (closing writes what is still buffered).
-        on_warning: told about cache problems (the run goes on without it).
-        draft: decode JPEGs at reduced DCT scale (False: full decode, for reference runs).
-        stats: filled in with counts and timings when given.
+        Other arguments: see :func:`imgrank.features.stream.iter_features`.
 
     Returns:
         ``(path, score)`` for every image that was scored, in input order.
     """
     stats = stats if stats is not None else PipelineStats()
-    warn = on_warning or (lambda _message: None)
     results: dict[int, float] = {}
 
     def skipped(item: SkippedFile) -> None:
-        stats.skipped += 1
         if on_skip is not None:
             on_skip(item)
         if on_progress is not None:
             on_progress(1)
 
-    def record(indices: list[int], features: FeatureBatch) -> None:
-        started = time.perf_counter()
-        scores = np.asarray(scorer.score(features), dtype=np.float64).reshape(-1)
-        stats.score_seconds += time.perf_counter() - started
-        if scores.shape[0] != len(indices):
-            raise ModelError(
-                f"the scorer returned {scores.shape[0]} scores for {len(indices)} images"
-            )
-        results.update(zip(indices, scores.tolist(), strict=True))
-        if on_progress is not None:
-            on_progress(len(indices))
-
-    session = _CacheSession(cache, encoder, warn) if cache is not None else None
-    keys: dict[int, FileKey] = {}
-    if session is not None and session.cache is not None:
-        misses = _score_hits(paths, session, scorer, keys, record, skipped, stats, batch_size)
-    else:
-        misses = list(enumerate(paths))
-    stats.cache_misses += len(misses)
-
-    # Tokens are computed for the cache even when this scorer does not need
-    # them (a projection of tensors the tower computes anyway), so a later
-    # adapter run is served from the cache too.
-    caching = session is not None and session.cache is not None
-    want_tokens = scorer.needs_tokens or (caching and getattr(encoder, "provides_tokens", True))
-    miss_indices = [index for index, _path in misses]
-    try:
-        for batch in decode_batches(
-            [path for _index, path in misses],
-            encoder.preprocess,
-            batch_size=batch_size,
-            workers=workers,
-            max_pixels=max_pixels,
-            draft=draft,
-            on_skip=skipped,
-            stats=stats,
-        ):
-            indices = [miss_indices[i] for i in batch.indices]
+    stream = iter_features(
+        paths,
+        encoder,
+        tokens=scorer.needs_tokens,
+        cache=cache,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+        draft=draft,
+        on_skip=skipped,
+        on_warning=on_warning,
+        stats=stats,
+    )
+    # closing(): an interrupted run (Ctrl-C, a failing scorer) still writes what it cached.
+    with contextlib.closing(stream):
+        for batch in stream:
             started = time.perf_counter()
-            try:
-                features = encoder.encode_pixels(batch.pixels, tokens=want_tokens)
-            except ModelError:
-                if scorer.needs_tokens or not want_tokens:
-                    raise
-                # The encoder cannot output visual tokens: cache pooled embeddings only.
-                want_tokens = False
-                features = encoder.encode_pixels(batch.pixels, tokens=False)
-            stats.encode_seconds += time.perf_counter() - started
-            scoring_features = (
-                features if scorer.needs_tokens else FeatureBatch(pooled=features.pooled)
-            )
-            record(indices, scoring_features)
-            if session is not None and session.cache is not None:
-                started = time.perf_counter()
-                for row, (index, path) in enumerate(zip(indices, batch.paths, strict=True)):
-                    key = keys.get(index)
-                    if key is None or _changed_since(path, key):
-                        continue  # changed while it was read: do not cache what we cannot trust
-                    session.put(
-                        key,
-                        features.pooled[row],
-                        None if features.tokens is None else features.tokens[row],
-                    )
-                stats.store_seconds += time.perf_counter() - started
-    finally:
-        if session is not None:
-            # Also on Ctrl-C: an interrupted run keeps what it finished.
-            started = time.perf_counter()
-            session.flush()
-            stats.store_seconds += time.perf_counter() - started
+            scores = np.asarray(scorer.score(batch.features), dtype=np.float64).reshape(-1)
+            stats.score_seconds += time.perf_counter() - started
+            if scores.shape[0] != len(batch.indices):
+                raise ModelError(
+                    f"the scorer returned {scores.shape[0]} scores for {len(batch.indices)} images"
+                )
+            results.update(zip(batch.indices, scores.tolist(), strict=True))
+            if on_progress is not None:
+                on_progress(len(batch.indices))
     return [(paths[index], results[index]) for index in sorted(results)]
-
-
-def _score_hits(
-    paths: list[Path],
-    session: _CacheSession,
-    scorer: Scorer,
-    keys: dict[int, FileKey],
-    record: Callable[[list[int], FeatureBatch], None],
-    skipped: Callable[[SkippedFile], None],
-    stats: PipelineStats,
-    batch_size: int,
-) -> list[tuple[int, Path]]:
-    """Stat every file, score the cache hits, and return the misses as ``(index, path)``."""
-    from imgrank.features.cache import FileKey
-
-    misses: list[tuple[int, Path]] = []
-    for start in range(0, len(paths), LOOKUP_CHUNK):
-        started = time.perf_counter()
-        chunk: list[tuple[int, Path, FileKey]] = []
-        for index in range(start, min(start + LOOKUP_CHUNK, len(paths))):
-            path = paths[index]
-            try:
-                key = FileKey.of(path)
-            except FileNotFoundError:
-                skipped(SkippedFile(path, "file disappeared before it could be read"))
-                continue
-            except OSError as exc:
-                skipped(SkippedFile(path, f"cannot read: {exc.strerror or exc}"))
-                continue
-            keys[index] = key
-            chunk.append((index, path, key))
-        found = session.get_many([key for _i, _p, key in chunk], tokens=scorer.needs_tokens)
-        stats.lookup_seconds += time.perf_counter() - started
-        hit_indices: list[int] = []
-        pooled: list[np.ndarray] = []
-        grids: list[np.ndarray] = []
-        for index, path, key in chunk:
-            features = found.get(key.path)
-            if features is None:
-                misses.append((index, path))
-                continue
-            hit_indices.append(index)
-            pooled.append(features.pooled)
-            if scorer.needs_tokens and features.tokens is not None:
-                grids.append(features.tokens)
-        stats.cache_hits += len(hit_indices)
-        # Scored in model-sized batches: an adapter's memory grows with the batch.
-        for first in range(0, len(hit_indices), batch_size):
-            last = first + batch_size
-            record(
-                hit_indices[first:last],
-                FeatureBatch(
-                    pooled=np.stack(pooled[first:last]),
-                    tokens=np.stack(grids[first:last]) if scorer.needs_tokens else None,
-                ),
-            )
-    return misses
-
-
-def _changed_since(path: Path, key: FileKey) -> bool:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return True
-    return not key.describes(info)

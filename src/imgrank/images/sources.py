@@ -18,49 +18,19 @@ sort never imports it.
 
 from __future__ import annotations
 
-import io
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from imgrank.errors import ImageDecodeError, UsageError
+from imgrank.errors import UsageError
 from imgrank.images.decode import find_images, supported_extensions
-
-if TYPE_CHECKING:
-    import pyarrow
+from imgrank.images.uri import filesystem as _filesystem
+from imgrank.images.uri import is_uri, open_source
+from imgrank.images.uri import require_pyarrow as _require_pyarrow
 
 #: A local path or a URI string.
 Source = Path | str
 
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
-
-
-def is_uri(value: object) -> bool:
-    """Whether ``value`` is a URI string (``scheme://...``) rather than a local path."""
-    return isinstance(value, str) and _URI.match(value) is not None
-
-
-def _require_pyarrow(what: str) -> None:
-    try:
-        import pyarrow  # noqa: F401
-    except ModuleNotFoundError:
-        raise UsageError(
-            f"{what} needs pyarrow: pip install 'imgrank[ray]' (or pip install pyarrow)"
-        ) from None
-
-
-def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """pyarrow's file system for a URI, and the path inside it."""
-    _require_pyarrow(f"reading {uri}")
-    import pyarrow.fs
-
-    try:
-        return pyarrow.fs.FileSystem.from_uri(uri)
-    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as exc:
-        raise UsageError(f"cannot open {uri}: {exc}") from None
-
+__all__ = ["Source", "is_uri", "list_sources", "open_source", "read_path_list", "source_name"]
 
 def _uri_prefix(uri: str, fs_path: str) -> str:
     """What goes before pyarrow's in-file-system path to make a URI again.
@@ -202,27 +172,6 @@ def missing_local_files(sources: list[Source]) -> list[tuple[Source, str]]:
         elif not path.is_file():
             problems.append((source, "listed in --paths-from but is not a file"))
     return problems
-
-
-def open_source(uri: str) -> io.BytesIO:
-    """The bytes of a URI, read whole through pyarrow (photos are a few MB).
-
-    Raises:
-        ImageDecodeError: the object cannot be read, with a reason naming why.
-    """
-    try:
-        fs, path = _filesystem(uri)
-    except UsageError as exc:
-        raise ImageDecodeError(uri, str(exc)) from None
-    try:
-        with fs.open_input_stream(path) as stream:
-            return io.BytesIO(stream.read())
-    except FileNotFoundError:
-        raise ImageDecodeError(uri, "file disappeared before it could be read") from None
-    except PermissionError:
-        raise ImageDecodeError(uri, "permission denied") from None
-    except OSError as exc:
-        raise ImageDecodeError(uri, f"cannot read: {exc}") from None
 
 
 def source_name(source: Source) -> str:

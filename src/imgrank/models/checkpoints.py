@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from imgrank.errors import AdapterMismatchError, ModelError
 from imgrank.files.atomic import atomic_folder
-from imgrank.models.backbone import (
+from imgrank.models.clip.config import (
     OPENAI_MEAN,
     OPENAI_STD,
     RANDOM_WEIGHTS,
@@ -85,7 +85,7 @@ class ModelFolder:
     Attributes:
         path: The folder.
         adapter_config: Shape and variant of the adapter.
-        backbone_spec: The backbone to build with :func:`imgrank.models.backbone.load_backbone`:
+        backbone_spec: The backbone to build with :func:`imgrank.models.clip.build.load_backbone`:
             its ``pretrained`` is an open_clip tag, ``none``, or the absolute
             path of the weights file kept in the folder; ``preprocess`` is set.
         prompt_format: ``{}`` is replaced by the prompt (``{}`` alone = verbatim).
@@ -113,6 +113,20 @@ class ModelFolder:
         """The weights file kept in the folder, or None when the backbone is named by a tag."""
         candidate = Path(self.backbone_spec.pretrained)
         return candidate if candidate.is_absolute() and candidate.parent == self.path else None
+
+    @property
+    def kind(self) -> str:
+        """``adapter`` (a ranking-aware adapter) or a head kind (``linear-head``, ``mlp-head``)."""
+        return "adapter"
+
+    @property
+    def display_name(self) -> str:
+        """What scores, as summaries and reports name it."""
+        return f"ranking adapter {self.path.name} ({self.variant})"
+
+    def describe_kind(self) -> str:
+        """``the adapter`` or ``the linear head``: for messages."""
+        return "the adapter" if self.kind == "adapter" else f"the {self.kind.replace('-', ' ')}"
 
     def format_prompt(self, prompt: str) -> str:
         """The text fed to the text tower for a user's prompt."""
@@ -242,6 +256,15 @@ def check_backbone_fits(
         )
 
 
+def check_folder_fits(folder: ModelFolder, config: dict[str, Any], *, what: str) -> None:
+    """Refuse a backbone config whose features do not fit the folder's adapter or head.
+
+    Raises:
+        AdapterMismatchError: naming ``what`` (the backbone as the user called it).
+    """
+    check_backbone_fits(config, folder.adapter_config, what=what)
+
+
 def _authors_preprocess(config: dict[str, Any]) -> PreprocessConfig:
     # The authors' inference transform: Resize((S, S)) on a PIL image (bilinear,
     # antialiased), ToTensor, OpenAI mean/std. No crop.
@@ -292,10 +315,10 @@ def _clip_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the CLIP a config builds, without allocating its weights."""
     import torch
 
-    from imgrank.models.backbone import _build_clip
+    from imgrank.models.clip.build import build_clip
 
     with torch.device("meta"):
-        model = _build_clip(clip_config(config))
+        model = build_clip(clip_config(config))
     return _shapes(model)
 
 
@@ -486,7 +509,8 @@ def save_model_folder(
         UnsafeOperationError: ``out`` exists and is not empty.
         AdapterMismatchError: the backbone's tokens do not have the adapter's width.
     """
-    from imgrank.models.backbone import default_preprocess, read_state_dict, resolve_model_config
+    from imgrank.models.clip.config import default_preprocess, resolve_model_config
+    from imgrank.models.clip.weights import read_state_dict
 
     if prompt_format.count("{}") != 1:
         raise ModelError('prompt_format must contain "{}" exactly once')
@@ -574,7 +598,7 @@ def import_authors_checkpoint(
         UnsafeOperationError: ``out`` exists and is not empty.
     """
     from imgrank.models.adapter import AdapterConfig, RankingAdapter
-    from imgrank.models.backbone import read_state_dict
+    from imgrank.models.clip.weights import read_state_dict
 
     if not str(out):
         raise ModelError("no output folder given")

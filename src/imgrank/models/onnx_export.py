@@ -39,7 +39,6 @@ import numpy as np
 
 from imgrank import __version__
 from imgrank.errors import ModelError, UsageError
-from imgrank.models.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
 from imgrank.models.onnx_runtime import (
     ADAPTER_FILE,
     FORMAT_NAME,
@@ -55,7 +54,7 @@ from imgrank.models.onnx_runtime import (
 if TYPE_CHECKING:
     import torch
 
-    from imgrank.models.backbone import Backbone
+    from imgrank.models.clip.towers import Backbone
 
 #: ONNX operator set: 17 has LayerNormalization as one op, and onnxruntime >= 1.14 runs it.
 DEFAULT_OPSET = 17
@@ -186,59 +185,38 @@ def build_clip_tokenizer(context_length: int = 77) -> Any:
 
 
 def _image_module(backbone: Backbone) -> tuple[torch.nn.Module, bool]:
-    """A module computing what ``Backbone.encode_images(tokens=True)`` computes.
+    """A module computing what ``Backbone.encode_images`` computes (the same forward function).
 
     Returns:
         The module and whether it outputs visual tokens.
     """
     import torch
 
+    from imgrank.models.clip.towers import image_tower_forward
+
+    size = backbone.preprocess.image_size
+    # A probe: does this tower give tokens? (It also builds an image tower left lazy.)
+    probe = backbone.encode_images(torch.zeros(1, 3, size, size), tokens=True)
+    has_tokens = probe.tokens is not None
     visual = backbone.model.visual
-    if backbone.is_timm_trunk:
-        with torch.no_grad():
-            probe = visual(
-                torch.zeros(1, 3, backbone.preprocess.image_size, backbone.preprocess.image_size)
-            )
-        has_grid = probe.ndim == 4
 
-        class TimmImageTower(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.visual = visual
-
-            def forward(self, pixels: torch.Tensor) -> Any:
-                out = self.visual(pixels)
-                if out.ndim == 4:  # (N, D, h, w): flatten row-major, as Backbone does
-                    grid = out.flatten(2).transpose(1, 2)
-                    return grid.mean(dim=1), grid
-                return out
-
-        return TimmImageTower().eval(), has_grid
-
-    class VitImageTower(torch.nn.Module):
+    class ImageTower(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.visual = visual
 
-        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            previous = self.visual.output_tokens
-            self.visual.output_tokens = True
-            try:
-                pooled, tokens = self.visual(pixels)
-            finally:
-                self.visual.output_tokens = previous
-            if self.visual.proj is not None:
-                tokens = tokens @ self.visual.proj
-            return pooled, tokens
+        def forward(self, pixels: torch.Tensor) -> Any:
+            pooled, tokens = image_tower_forward(self.visual, pixels, tokens=has_tokens)
+            return (pooled, tokens) if has_tokens else pooled
 
-    return VitImageTower().eval(), True
+    return ImageTower().eval(), has_tokens
 
 
 def _text_module(backbone: Backbone) -> torch.nn.Module:
     """A module computing what ``Backbone.encode_token_ids`` computes."""
     import torch
 
-    from imgrank.models.backbone import text_tower_forward
+    from imgrank.models.clip.towers import text_tower_forward
 
     model = backbone.model
     if not hasattr(model, "token_embedding"):
@@ -631,15 +609,18 @@ def export_model(
     warn: Callable[[str], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Load a backbone (and an adapter folder) on the CPU and export it (:func:`export_backbone`).
+    """Load a model on the CPU in float32 and export it (:func:`export_backbone`).
+
+    The model is chosen by :func:`imgrank.models.loading.load_model`, exactly
+    as ``imgrank sort`` chooses it, so an export cannot pair an adapter with a
+    backbone it was not trained on.
 
     Args:
         out: A new or empty folder.
-        model: open_clip name or config JSON (default ViT-B-32); with
-            ``adapter_dir``, only when the user gave it explicitly, and it must
-            be the architecture the adapter was trained on.
-        pretrained: Weights tag or file (default the ViT-B-32 LAION tag); with
-            ``adapter_dir``, only when given explicitly.
+        model: open_clip name or config JSON; None: the default model, or with
+            ``adapter_dir`` the folder's own backbone (when given it must be the
+            architecture the adapter was trained on).
+        pretrained: Weights tag or file; None as for ``model``.
         adapter_dir: An imgrank model folder whose adapter is exported too; its
             backbone and preprocessing are used unless overridden.
         opset: ONNX operator set.
@@ -647,51 +628,21 @@ def export_model(
         warn: Called with messages the user must see (random weights...).
         progress: Called with a short line before each step.
     """
-    from imgrank.models.backbone import load_backbone
+    from imgrank.models.loading import load_model
+    from imgrank.models.selection import ModelSelection
 
     out = out.expanduser()
     _check_out(out)  # refuse a busy --out before minutes of loading
-    if adapter_dir is not None:
-        backbone, adapter, info = _load_adapter_for_export(
-            adapter_dir, model=model, pretrained=pretrained, warn=warn
-        )
-        return export_backbone(
-            backbone,
-            out,
-            adapter=adapter,
-            adapter_info=info,
-            opset=opset,
-            tolerance=tolerance,
-            progress=progress,
-        )
-    spec = BackboneSpec(model=model or DEFAULT_MODEL, pretrained=pretrained or DEFAULT_PRETRAINED)
-    backbone = load_backbone(spec, device="cpu", warn=warn)
-    return export_backbone(backbone, out, opset=opset, tolerance=tolerance, progress=progress)
+    selection = ModelSelection(
+        model=model, pretrained=pretrained, adapter=adapter_dir, device="cpu", precision="fp32"
+    )
+    ranking = load_model(selection, warn=warn)
+    backbone = ranking.backbone()
+    folder = ranking.folder
+    if folder is None:
+        return export_backbone(backbone, out, opset=opset, tolerance=tolerance, progress=progress)
+    from imgrank.models.checkpoints import load_adapter
 
-
-def _load_adapter_for_export(
-    adapter_dir: Path,
-    *,
-    model: str | None,
-    pretrained: str | None,
-    warn: Callable[[str], None] | None,
-) -> tuple[Backbone, Any, dict[str, Any]]:
-    """The backbone and adapter of a model folder, on the CPU in float32, and what to record.
-
-    The backbone is chosen exactly as ``imgrank sort --adapter`` chooses it,
-    so an export cannot pair an adapter with a backbone it was not trained on.
-    """
-    from imgrank.models.adapter_scoring import backbone_for
-    from imgrank.models.backbone import load_backbone
-    from imgrank.models.checkpoints import load_adapter, load_model_folder
-
-    folder = load_model_folder(adapter_dir)
-    spec, messages = backbone_for(folder, model=model, pretrained=pretrained)
-    for message in messages:
-        if warn is not None:
-            warn(message)
-    backbone = load_backbone(spec, device="cpu", warn=warn)
-    adapter = load_adapter(folder, device="cpu")
     info = {
         "name": folder.path.name,
         "variant": folder.variant,
@@ -701,4 +652,12 @@ def _load_adapter_for_export(
         "config": folder.adapter_config.to_dict(),
         "source": folder.source,
     }
-    return backbone, adapter, info
+    return export_backbone(
+        backbone,
+        out,
+        adapter=load_adapter(folder, device="cpu"),
+        adapter_info=info,
+        opset=opset,
+        tolerance=tolerance,
+        progress=progress,
+    )

@@ -6,12 +6,15 @@ adapter, the adapter's scoring head), the CLIP tokenizer as a ``tokenizers``
 preprocessing settings and what the graphs expect. This module turns it into
 the objects the pipeline already knows:
 
-* :class:`OnnxImageEncoder` follows :class:`imgrank.features.pipeline.ImageEncoder`
+* :class:`OnnxImageEncoder` follows :class:`imgrank.features.stream.ImageEncoder`
   (``preprocess``, ``fingerprint``, ``encode_pixels``), so the decode pool, the
   cache and the writers run unchanged;
 * :func:`zero_shot_scorer` builds the numpy-only
   :class:`imgrank.models.scoring.ZeroShotScorer` from the ONNX text encoder;
-* :class:`OnnxAdapterScorer` scores visual tokens with the exported adapter head.
+* :class:`OnnxAdapterScorer` scores visual tokens with the exported adapter head;
+* :meth:`OnnxModel.run_head` runs an exported linear/MLP head on pooled embeddings.
+
+:func:`imgrank.models.loading.load_model` wraps these in a ranking model.
 
 Nothing here imports torch or open_clip, directly or through another imgrank
 module: a machine with only the ``onnx`` extra's packages can sort (a test runs
@@ -27,7 +30,7 @@ import json
 import mmap
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,14 +38,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgrank.errors import ModelError, UsageError
-from imgrank.models.backbone import PreprocessConfig
+from imgrank.models.clip.config import PreprocessConfig
 from imgrank.models.scoring import FeatureBatch, ZeroShotScorer, antonym_pair
 
 if TYPE_CHECKING:
     import onnxruntime
 
-    from imgrank.models.scoring import Scorer
-    from imgrank.sorter import SortRequest
 
 #: The manifest every exported folder carries; its presence marks an imgrank export.
 MANIFEST_NAME = "imgrank-onnx.json"
@@ -360,7 +361,7 @@ class OnnxModel:
     def _read_graphs(self) -> None:
         files = self.manifest["files"]
         self.graphs: dict[str, GraphFile] = {}
-        for kind in ("image", "text", "adapter"):
+        for kind in ("image", "text", "adapter", "head"):
             entry = files.get(kind)
             if entry is None:
                 continue
@@ -386,6 +387,17 @@ class OnnxModel:
         return "adapter" in self.graphs
 
     @property
+    def has_head(self) -> bool:
+        """Whether the export carries a linear/MLP head on the pooled embedding."""
+        return "head" in self.graphs
+
+    def run_head(self, normalized: np.ndarray) -> np.ndarray:
+        """(N,) scores of the exported head for L2-normalised pooled embeddings (N, E)."""
+        feed = {"embeddings": np.ascontiguousarray(normalized, dtype=np.float32)}
+        (scores,) = self.session("head").run(["scores"], feed)
+        return np.asarray(scores, dtype=np.float64).reshape(-1)
+
+    @property
     def has_image_tokens(self) -> bool:
         return bool(self.manifest.get("image_tokens", False))
 
@@ -408,7 +420,7 @@ class OnnxModel:
         return self._tokenizer
 
     def session(self, kind: str) -> onnxruntime.InferenceSession:
-        """The onnxruntime session of one graph (``image``, ``text`` or ``adapter``)."""
+        """The onnxruntime session of one graph (``image``, ``text``, ``adapter`` or ``head``)."""
         if kind in self._sessions:
             return self._sessions[kind]
         graph = self.graphs.get(kind)
@@ -509,7 +521,7 @@ def _checked_preprocess(data: dict[str, Any]) -> PreprocessConfig:
 
 
 class OnnxImageEncoder:
-    """The exported image tower, following :class:`imgrank.features.pipeline.ImageEncoder`."""
+    """The exported image tower, following :class:`imgrank.features.stream.ImageEncoder`."""
 
     def __init__(self, model: OnnxModel) -> None:
         self.model = model
@@ -621,91 +633,3 @@ class OnnxAdapterScorer:
             },
         )
         return np.asarray(scores, dtype=np.float64).reshape(-1)
-
-
-# --------------------------------------------------------------------------- imgrank sort
-
-
-RUNTIMES = ("torch", "onnx")
-
-
-def wants_onnx(request: SortRequest) -> bool:
-    """Whether a sort runs on onnxruntime; refuses option mixes that cannot mean anything.
-
-    ``--onnx DIR`` alone selects the ONNX runtime; ``--runtime onnx`` needs it.
-
-    Raises:
-        UsageError: an unknown runtime, or options of one runtime given to the other.
-    """
-    runtime = (request.runtime or "").lower() or None
-    if runtime is not None and runtime not in RUNTIMES:
-        raise UsageError(f"--runtime must be torch or onnx, not {request.runtime!r}")
-    if runtime == "torch":
-        if request.onnx is not None:
-            raise UsageError("--onnx DIR is for --runtime onnx (or leave --runtime out)")
-        if request.providers:
-            raise UsageError("--providers is for --runtime onnx; the torch runtime uses --device")
-        return False
-    if runtime == "onnx" and request.onnx is None:
-        raise UsageError(
-            "--runtime onnx needs --onnx DIR, a folder written by `imgrank export --out DIR`"
-        )
-    if request.onnx is None:
-        if request.providers:
-            raise UsageError("--providers is for --runtime onnx --onnx DIR")
-        return False
-    return True
-
-
-def onnx_sort_setup(
-    request: SortRequest, *, warn: Callable[[str], None] | None = None
-) -> tuple[OnnxImageEncoder, Scorer]:
-    """The image encoder and scorer of ``imgrank sort --runtime onnx --onnx DIR``.
-
-    The export decides the scoring: the adapter head when it was exported with
-    one, zero-shot CLIP otherwise. Options that pick torch models or devices
-    are refused rather than silently ignored.
-
-    Raises:
-        UsageError: options that only mean something with the torch runtime.
-        ModelError: the folder is not a usable export.
-    """
-    assert request.onnx is not None
-    torch_only = [
-        name
-        for name, given in (
-            ("--adapter", request.adapter is not None),
-            ("--model", request.model_given),
-            ("--pretrained", request.pretrained_given),
-            ("--device", request.device.lower() != "auto"),
-        )
-        if given
-    ]
-    if torch_only:
-        raise UsageError(
-            f"{', '.join(torch_only)} only apply to --runtime torch: with --runtime onnx the "
-            "model, its adapter and its weights are those of the export (`imgrank export "
-            "--adapter DIR` includes an adapter), and --providers chooses the device"
-        )
-    model = OnnxModel(request.onnx, providers=request.providers)
-    encoder = model.image_encoder()
-    scorer: Scorer
-    if model.has_adapter:
-        if request.against is not None:
-            raise UsageError(
-                "--against is for zero-shot scoring; this export's adapter reads --by as it is"
-            )
-        scorer = OnnxAdapterScorer(model, request.prompt)
-    else:
-        scorer = zero_shot_scorer(model, request.prompt, request.against)
-    if warn is not None:
-        if str(model.manifest["model"].get("pretrained", "")).lower() == "none":
-            warn(
-                f"{model.folder} was exported with RANDOM weights (--pretrained none), so the "
-                "ranking is meaningless (use it only for tests and benchmarks)"
-            )
-        wanted = model.requested_providers[0]
-        active = model.active_providers
-        if wanted not in active:
-            warn(f"onnxruntime could not start {wanted}; running on {', '.join(active)}")
-    return encoder, scorer

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from imgrank.models.backbone import Backbone
+    from imgrank.models.clip.towers import Backbone
 
 #: Templates of the zero-shot antonym pair; ``{}`` is the prompt. Documented in docs/cli.md.
 POSITIVE_TEMPLATE = "a photo of high {}."

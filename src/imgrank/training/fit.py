@@ -45,17 +45,29 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from imgrank.errors import CacheError, UsageError
-from imgrank.models.backbone import BackboneSpec
+from imgrank.errors import UsageError
+from imgrank.models.clip.config import BackboneSpec
 from imgrank.training.datasets import LabelRow, LabelSet
+from imgrank.training.encoding import encode_prompts, encode_usable
 from imgrank.training.metrics import EvalReport, evaluate
+from imgrank.training.progress import EpochRecord, TrainingReporter
 
 if TYPE_CHECKING:
     import torch
 
-    from imgrank.features.cache import EmbeddingCache
     from imgrank.models.adapter import RankingAdapter
-    from imgrank.models.backbone import Backbone
+
+__all__ = [
+    "EpochRecord",
+    "TrainResult",
+    "TrainSettings",
+    "TrainingReporter",
+    "adapter_threads",
+    "lr_factor",
+    "make_batches",
+    "split_validation",
+    "train_adapter",
+]
 
 #: Name of the training summary written into the model folder.
 SUMMARY_FILE = "training.json"
@@ -128,22 +140,6 @@ class TrainSettings:
 
 
 @dataclass
-class EpochRecord:
-    """What one epoch did (one line of the progress display and of the summary)."""
-
-    epoch: int
-    lr: float
-    train_loss: float
-    train_regression: float
-    train_rank: float
-    val_loss: float | None = None
-    val_SRCC: float | None = None
-    val_PLCC: float | None = None
-    val_MAE: float | None = None
-    seconds: float = 0.0
-
-
-@dataclass
 class TrainResult:
     """The outcome of :func:`train_adapter`.
 
@@ -170,205 +166,6 @@ class TrainResult:
     @property
     def best(self) -> EpochRecord:
         return self.epochs[self.best_epoch - 1]
-
-
-class TrainingReporter:
-    """Hooks for a front end (the CLI draws a Rich progress display); all no-ops here."""
-
-    def warn(self, message: str) -> None:
-        """Something the user must know."""
-
-    def encoding(self, total: int) -> None:
-        """Encoding starts: ``total`` images (cache hits included)."""
-
-    def encoded(self, count: int) -> None:
-        """``count`` more images were encoded (or skipped)."""
-
-    def training(self, epochs: int, steps_per_epoch: int, train_rows: int, val_rows: int) -> None:
-        """The epochs start."""
-
-    def step(self) -> None:
-        """One batch was trained on."""
-
-    def epoch(self, record: EpochRecord, is_best: bool) -> None:
-        """An epoch ended."""
-
-
-# ---------------------------------------------------------------------------
-# Encoding (once per image, through the embedding cache when there is one)
-
-
-@dataclass
-class EncodedImages:
-    """Features of the images of a label set, one row per distinct file.
-
-    Attributes:
-        index: Row of each file in the arrays.
-        pooled: (N, E) float32 pooled embeddings (zero-shot scoring).
-        tokens: (N, P, D) float32 visual tokens (adapters), or None when not asked for.
-        failed: Files that could not be used, with a reason.
-        from_cache: How many files were read from the embedding cache.
-        seconds: Wall time of the encoding.
-    """
-
-    index: dict[Path, int]
-    pooled: np.ndarray
-    tokens: np.ndarray | None
-    failed: dict[Path, str]
-    from_cache: int = 0
-    seconds: float = 0.0
-
-
-class _FeatureCollector:
-    """A "scorer" that keeps the features the pipeline hands it.
-
-    Going through :func:`imgrank.features.pipeline.score_images` gives training and
-    evaluation exactly the decoding, cache lookups and cache writes of
-    ``imgrank sort`` (so a folder sorted once trains without decoding, and the
-    other way round). The pipeline returns one score per path in input order
-    but hands batches over in its own order (cache hits first); so the score
-    this collector gives an image is the row where it stored its features, an
-    integer that a float64 holds exactly.
-    """
-
-    name = "feature collector"
-
-    def __init__(self, tokens: bool) -> None:
-        self.needs_tokens = tokens
-        self.pooled: list[np.ndarray] = []
-        self.tokens: list[np.ndarray] = []
-
-    def score(self, batch: Any) -> np.ndarray:
-        first = len(self.pooled)
-        for row in range(len(batch)):
-            self.pooled.append(np.asarray(batch.pooled[row], dtype=np.float32))
-            if self.needs_tokens:
-                self.tokens.append(np.asarray(batch.tokens[row], dtype=np.float32))
-        return np.arange(first, first + len(batch), dtype=np.float64)
-
-
-def encode_images(
-    paths: list[Path],
-    backbone: Backbone,
-    *,
-    tokens: bool,
-    batch_size: int = 32,
-    workers: int | None = None,
-    cache: EmbeddingCache | None = None,
-    reporter: TrainingReporter | None = None,
-) -> EncodedImages:
-    """Run every image through the frozen image tower once.
-
-    Files already in ``cache`` (same path, size and mtime, same backbone and
-    preprocessing) are not decoded at all; the others are decoded in a thread
-    pool, encoded in batches, and added to the cache.
-
-    Args:
-        paths: Distinct image files.
-        backbone: The frozen backbone.
-        tokens: Also keep the visual tokens (needed by adapters).
-        batch_size: Images per forward pass.
-        workers: Decode threads (default: one per core).
-        cache: An open embedding cache, or None to encode everything.
-        reporter: Progress hooks.
-    """
-    from imgrank.features.pipeline import PipelineStats, score_images
-    from imgrank.ranking import SkippedFile
-
-    reporter = reporter or TrainingReporter()
-    started = time.perf_counter()
-    failed: dict[Path, str] = {}
-
-    def on_skip(item: SkippedFile) -> None:
-        failed[Path(item.path)] = item.reason
-
-    collector = _FeatureCollector(tokens)
-    stats = PipelineStats()
-    reporter.encoding(len(paths))
-    rows = score_images(
-        paths,
-        backbone,
-        collector,
-        batch_size=batch_size,
-        workers=workers,
-        cache=cache,
-        on_skip=on_skip,
-        on_progress=reporter.encoded,
-        on_warning=reporter.warn,
-        stats=stats,
-    )
-    order = [(path, int(row)) for path, row in rows]
-    index = {path: i for i, (path, _row) in enumerate(order)}
-    if order:
-        pooled = np.stack([collector.pooled[row] for _path, row in order])
-        grids = np.stack([collector.tokens[row] for _path, row in order]) if tokens else None
-    else:
-        pooled = np.zeros((0, 0), dtype=np.float32)
-        grids = np.zeros((0, 0, 0), dtype=np.float32) if tokens else None
-    return EncodedImages(
-        index=index,
-        pooled=pooled,
-        tokens=grids,
-        failed=failed,
-        from_cache=int(stats.cache_hits),
-        seconds=time.perf_counter() - started,
-    )
-
-
-def open_cache_for(cache: Path | None | bool, reporter: TrainingReporter) -> EmbeddingCache | None:
-    """The embedding cache a command asked for: a path, the default (True), or none (None/False)."""
-    if cache is None or cache is False:
-        return None
-    from imgrank.features.cache import open_cache
-
-    try:
-        return open_cache(None if cache is True else cache, on_warning=reporter.warn)
-    except CacheError as exc:
-        reporter.warn(f"{exc}; encoding without the cache")
-        return None
-
-
-def _encode_usable(
-    labels: LabelSet,
-    backbone: Backbone,
-    *,
-    tokens: bool,
-    batch_size: int,
-    workers: int | None,
-    cache: Path | None | bool,
-    reporter: TrainingReporter,
-    purpose: str,
-) -> tuple[EncodedImages, LabelSet]:
-    """Encode the labelled images once (through the cache) and drop rows whose image failed.
-
-    Raises:
-        DataError: a group is left with fewer than two usable rows for ``purpose``.
-    """
-    opened = open_cache_for(cache, reporter)
-    try:
-        encoded = encode_images(
-            labels.paths(),
-            backbone,
-            tokens=tokens,
-            batch_size=batch_size,
-            workers=workers,
-            cache=opened,
-            reporter=reporter,
-        )
-    finally:
-        if opened is not None:
-            opened.close()
-    usable = labels.without(encoded.failed)
-    usable.require_rows_per_group(2, purpose=purpose)
-    return encoded, usable
-
-
-def encode_prompts(prompts: list[str], backbone: Backbone) -> dict[str, torch.Tensor]:
-    """Text tokens (1, L, D) of each distinct prompt, float32 on the backbone's device."""
-    return {
-        prompt: backbone.encode_text([prompt]).tokens.float().clone()
-        for prompt in dict.fromkeys(prompts)
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -521,9 +318,10 @@ def train_adapter(
 
     from imgrank import __version__
     from imgrank.models.adapter import AdapterConfig, RankingAdapter
-    from imgrank.models.backbone import load_backbone
     from imgrank.files.atomic import check_new_folder
     from imgrank.models.checkpoints import check_backbone_fits, save_model_folder
+    from imgrank.models.loading import load_model
+    from imgrank.models.selection import ModelSelection
 
     settings = settings or TrainSettings()
     settings.check()
@@ -535,9 +333,11 @@ def train_adapter(
     labels.require_rows_per_group(2, purpose="training")
     started = time.perf_counter()
 
-    backbone = load_backbone(
-        backbone_spec, device=device, warn=reporter.warn, lazy_image_tower=True
+    model_selection = ModelSelection(
+        model=backbone_spec.model, pretrained=backbone_spec.pretrained, device=device
     )
+    ranking_model = load_model(model_selection, warn=reporter.warn)
+    backbone = ranking_model.backbone()
     adapter_config = AdapterConfig(
         d_model=int(backbone.config["embed_dim"]),
         num_layers=settings.num_layers,
@@ -548,8 +348,9 @@ def train_adapter(
     )
     check_backbone_fits(backbone.config, adapter_config, what=f"--model {backbone_spec.model}")
 
-    encoded, labels = _encode_usable(
-        labels, backbone, tokens=True, batch_size=encode_batch_size, workers=workers,
+    encoded, labels = encode_usable(
+        labels, ranking_model.image_encoder, tokens=True, batch_size=encode_batch_size,
+        workers=workers,
         cache=cache, reporter=reporter, purpose="training",
     )  # fmt: skip
     texts = encode_prompts(labels.prompts(), backbone)
@@ -733,114 +534,3 @@ def train_adapter(
         labels=labels,
         summary=summary,
     )
-
-
-# ---------------------------------------------------------------------------
-# Evaluation
-
-
-@dataclass
-class EvalResult:
-    """Predictions and metrics of one scorer on a label set."""
-
-    report: EvalReport
-    labels: LabelSet
-    predictions: list[float]
-    scorer: str
-
-
-def evaluate_labels(
-    labels: LabelSet,
-    *,
-    adapter: Path | None = None,
-    backbone_spec: BackboneSpec | None = None,
-    model: str | None = None,
-    pretrained: str | None = None,
-    device: str = "auto",
-    round_predictions: bool = False,
-    cache: Path | bool | None = True,
-    batch_size: int = 32,
-    workers: int | None = None,
-    reporter: TrainingReporter | None = None,
-) -> EvalResult:
-    """Score every labelled image with an adapter (or zero-shot CLIP) and compute the metrics.
-
-    Args:
-        labels: From :func:`imgrank.training.datasets.load_labels`.
-        adapter: A model folder; None evaluates the zero-shot scorer on ``backbone_spec``.
-        backbone_spec: The backbone for zero-shot evaluation.
-        model: With an adapter: ``--model`` when the user gave it (checked against the folder).
-        pretrained: With an adapter: ``--pretrained`` when the user gave it.
-        device: ``auto|cpu|cuda|cuda:N|mps``.
-        round_predictions: Round predictions to integers first (ordinal targets).
-        cache: The embedding cache: True for the default file, a path, or None/False for none.
-        batch_size: Images per forward pass.
-        workers: Decode threads.
-        reporter: Progress hooks.
-
-    Raises:
-        DataError: a group with fewer than two usable rows.
-        ModelError / AdapterMismatchError: the adapter or backbone cannot be loaded.
-    """
-    import torch
-
-    from imgrank.models.backbone import load_backbone
-    from imgrank.models.scoring import FeatureBatch, ZeroShotScorer
-
-    reporter = reporter or TrainingReporter()
-    labels.require_rows_per_group(2, purpose="evaluation")
-    if adapter is not None:
-        from imgrank.models.adapter_scoring import AdapterScorer, backbone_for
-        from imgrank.models.checkpoints import load_adapter, load_model_folder
-
-        folder = load_model_folder(adapter)
-        spec, warnings = backbone_for(folder, model=model, pretrained=pretrained)
-        for message in warnings:
-            reporter.warn(message)
-        backbone = load_backbone(spec, device=device, warn=reporter.warn, lazy_image_tower=True)
-        module = load_adapter(folder, device=backbone.device)
-        scorer_name = f"ranking adapter {folder.path.name} ({folder.variant})"
-
-        def scorer_for(prompt: str) -> Any:
-            return AdapterScorer(module, backbone, prompt, prompt_format=folder.prompt_format)
-
-    else:
-        if backbone_spec is None:
-            raise UsageError("evaluation needs an adapter folder or a backbone")
-        backbone = load_backbone(
-            backbone_spec, device=device, warn=reporter.warn, lazy_image_tower=True
-        )
-        scorer_name = "zero-shot CLIP"
-
-        def scorer_for(prompt: str) -> Any:
-            return ZeroShotScorer.for_backbone(backbone, prompt)
-
-    encoded, labels = _encode_usable(
-        labels, backbone, tokens=adapter is not None, batch_size=batch_size, workers=workers,
-        cache=cache, reporter=reporter, purpose="evaluation",
-    )  # fmt: skip
-
-    scores: dict[tuple[Path, str], float] = {}
-    with torch.inference_mode():
-        for prompt in labels.prompts():
-            scorer = scorer_for(prompt)
-            paths = list(dict.fromkeys(row.path for row in labels.rows if row.prompt == prompt))
-            for start in range(0, len(paths), max(1, batch_size)):
-                chunk = paths[start : start + batch_size]
-                idx = [encoded.index[p] for p in chunk]
-                batch = FeatureBatch(
-                    pooled=encoded.pooled[idx],
-                    tokens=None if encoded.tokens is None else encoded.tokens[idx],
-                )
-                values = np.asarray(scorer.score(batch), dtype=np.float64).reshape(-1)
-                scores.update({(p, prompt): float(v) for p, v in zip(chunk, values, strict=True)})
-    names = labels.group_names()
-    predictions = [scores[(row.path, row.prompt)] for row in labels.rows]
-    report = evaluate(
-        [names[row.key] for row in labels.rows],
-        predictions,
-        [row.value for row in labels.rows],
-        round_predictions=round_predictions,
-        with_mae=adapter is not None,
-    )
-    return EvalResult(report=report, labels=labels, predictions=predictions, scorer=scorer_name)

@@ -13,8 +13,9 @@ mask, argmax pooling, projection matrix). Anything else returns None from
 ``tests/test_text_only.py`` checks both towers agree.
 
 The features it produces are only used when the embedding cache already holds
-every photo for the same encoder fingerprint, computed here exactly as
-:attr:`imgrank.models.backbone.Backbone.fingerprint` computes it.
+every photo for the same encoder fingerprint (:func:`features_identity`),
+computed here exactly as :attr:`imgrank.models.clip.towers.Backbone.fingerprint`
+computes it; :mod:`imgrank.models.loading` makes that choice.
 """
 
 from __future__ import annotations
@@ -25,13 +26,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgrank.models.backbone import (
-    BackboneSpec,
-    PreprocessConfig,
-    default_preprocess,
-    features_fingerprint,
-    weights_identity,
-)
+from imgrank.models.clip.config import BackboneSpec, PreprocessConfig, default_preprocess
+from imgrank.models.clip.towers import features_fingerprint
+from imgrank.models.clip.weights import remembered_weights, weights_identity
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,7 +36,13 @@ if TYPE_CHECKING:
 
 #: text_cfg keys the plain tower implements; any other key means a variant it does not.
 _PLAIN_TEXT_KEYS = {
-    "context_length", "vocab_size", "width", "heads", "layers", "output_tokens", "mlp_ratio"
+    "context_length",
+    "vocab_size",
+    "width",
+    "heads",
+    "layers",
+    "output_tokens",
+    "mlp_ratio",
 }
 #: Top-level config keys that change nothing in the text tower's forward.
 _NEUTRAL_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale"}
@@ -81,22 +84,6 @@ def _tokenizer_module() -> Any:
     return module
 
 
-def remembered_weights(model: str, tag: str) -> Path | None:
-    """The file an earlier run resolved this pretrained tag to (see ``backbone``), if any."""
-    from imgrank.paths import weights_dir
-
-    memo = weights_dir() / "resolved.json"
-    try:
-        known = json.loads(memo.read_text())
-    except (OSError, ValueError):
-        return None
-    value = known.get(f"{model}|{tag}") if isinstance(known, dict) else None
-    if not isinstance(value, str):
-        return None
-    path = Path(value)
-    return path if path.is_file() else None
-
-
 class LightTextEncoder:
     """The text tower of a standard CLIP config, with the backbone's cache fingerprint."""
 
@@ -119,10 +106,11 @@ class LightTextEncoder:
         return features_fingerprint(self.config, self.weights_id, self.preprocess)
 
     def _build(self) -> None:
-        from imgrank.models.backbone import _register_fast_exit, _WeightsFile
+        from imgrank.models.clip.weights import WeightsFile
+        from imgrank.models.device import register_fast_exit
 
-        _register_fast_exit()
-        state = _WeightsFile(self.weights).load(exclude="visual.")
+        register_fast_exit()
+        state = WeightsFile(self.weights).load(exclude="visual.")
         self._tower = _PlainTextTower(self.config, state)
         self._logit_scale = min(float(state["logit_scale"].float().exp().item()), 100.0)
 
@@ -141,6 +129,49 @@ class LightTextEncoder:
         return pooled.float().numpy(), self._logit_scale
 
 
+def config_without_open_clip(spec: BackboneSpec) -> dict[str, Any] | None:
+    """The open_clip config a spec names, read without importing open_clip; None if unsure."""
+    if spec.model_config is not None:
+        return dict(spec.model_config)
+    path = Path(spec.model).expanduser()
+    if spec.model.endswith(".json") or path.is_file():
+        from imgrank.errors import ModelError
+        from imgrank.models.clip.config import resolve_model_config
+
+        try:
+            return resolve_model_config(spec)[1]  # reads the JSON; no open_clip import
+        except ModelError:
+            return None  # the full path reports the problem
+    return _named_config(spec.model)
+
+
+def features_identity(spec: BackboneSpec) -> tuple[str, PreprocessConfig] | None:
+    """``(fingerprint, preprocess)`` the backbone of ``spec`` will have, without building it.
+
+    Equal to :attr:`Backbone.fingerprint` and :attr:`Backbone.preprocess` once
+    built, so a run whose photos are all cached can be served without
+    importing open_clip. None when that cannot be known cheaply (a pretrained
+    tag never resolved on this machine, a config only open_clip can read).
+    """
+    from imgrank.models.clip.build import random_weights_id
+
+    config = config_without_open_clip(spec)
+    if config is None:
+        return None
+    if spec.is_random:
+        weights_id = random_weights_id()
+    else:
+        candidate = Path(spec.pretrained).expanduser()
+        weights = (
+            candidate if candidate.is_file() else remembered_weights(spec.model, spec.pretrained)
+        )
+        if weights is None:
+            return None
+        weights_id = weights_identity(weights)
+    preprocess = spec.preprocess or default_preprocess(config)
+    return features_fingerprint(config, weights_id, preprocess), preprocess
+
+
 def light_text_encoder(spec: BackboneSpec, device: str) -> LightTextEncoder | None:
     """A text encoder that avoids open_clip, when the spec allows one; else None.
 
@@ -154,17 +185,7 @@ def light_text_encoder(spec: BackboneSpec, device: str) -> LightTextEncoder | No
 
         if torch.cuda.is_available():
             return None  # the GPU path runs the text tower in half precision: keep one path
-    path = Path(spec.model).expanduser()
-    if spec.model.endswith(".json") or path.is_file():
-        from imgrank.errors import ModelError
-        from imgrank.models.backbone import resolve_model_config
-
-        try:
-            _name, config = resolve_model_config(spec)  # reads the JSON; no open_clip import
-        except ModelError:
-            return None  # the full path reports the problem
-    else:
-        config = _named_config(spec.model)
+    config = config_without_open_clip(spec)
     if config is None or not set(config) <= _NEUTRAL_TOP_KEYS:
         return None
     if not set(config.get("text_cfg", {})) <= _PLAIN_TEXT_KEYS:
@@ -242,73 +263,3 @@ _BLOCK_KEYS = (
     "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
     "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
 )  # fmt: skip
-
-
-class BackboneOnDemand:
-    """An image encoder with the backbone's fingerprint that builds the backbone only if used.
-
-    A warm re-sort scores every photo from the cache and never calls
-    :meth:`encode_pixels`; if a photo changed after the cache was checked, the
-    full backbone is built then, and its features are the ones a cold run
-    computes.
-    """
-
-    def __init__(self, spec: BackboneSpec, light: LightTextEncoder, device: str, warn: Any) -> None:
-        self.name = spec.model
-        self.pretrained = spec.pretrained
-        self.preprocess = light.preprocess
-        self._fingerprint = light.fingerprint
-        self._spec = spec
-        self._device = device
-        self._warn = warn
-        self.backbone: Any = None
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def encode_pixels(self, pixels: np.ndarray, *, tokens: bool = False) -> Any:
-        if self.backbone is None:
-            from imgrank.models.backbone import load_backbone
-
-            self.backbone = load_backbone(self._spec, device=self._device, warn=self._warn)
-        return self.backbone.encode_pixels(pixels, tokens=tokens)
-
-
-def warm_zero_shot(
-    spec: BackboneSpec,
-    prompt: str,
-    against: str | None,
-    paths: list[Path],
-    cache: Any,
-    *,
-    device: str,
-    warn: Any = None,
-) -> tuple[BackboneOnDemand, Any] | None:
-    """Encoder and zero-shot scorer for a re-sort whose photos are all in the cache.
-
-    Returns None (the caller then builds the full backbone) unless the spec
-    allows the open_clip-free text tower and every path is cached, unchanged,
-    for this backbone.
-    """
-    from imgrank.features.cache import FileKey
-    from imgrank.features.pipeline import cache_fingerprint, describe_encoder
-    from imgrank.models.scoring import ZeroShotScorer, antonym_pair
-
-    light = light_text_encoder(spec, device)
-    if light is None:
-        return None
-    encoder = BackboneOnDemand(spec, light, device, warn)
-    try:
-        keys = [FileKey.of(path) for path in paths]
-        model_id = cache.model_id(cache_fingerprint(encoder), describe_encoder(encoder))
-        if len(cache.get_many(model_id, keys, tokens=False)) != len(keys):
-            return None
-    except Exception:  # noqa: BLE001 - a vanished file or a cache problem: the full path reports it
-        return None
-    positive, negative = antonym_pair(prompt, against)
-    try:
-        pooled, scale = light.encode([positive, negative])
-    except Exception:  # noqa: BLE001 - weights this tower cannot read: the full path explains
-        return None
-    return encoder, ZeroShotScorer(pooled, scale, positive, negative)

@@ -1,0 +1,80 @@
+"""Devices and threads: which torch device a run uses, how many threads the model gets."""
+
+from __future__ import annotations
+
+import os
+
+from imgrank.errors import UsageError
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a torch device string, checking it exists."""
+    import torch
+
+    device = device.lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is available here (use cpu or auto)")
+        if ":" in device:
+            index = device.split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise UsageError(
+                    f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)"
+                )
+        return device
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UsageError("--device mps: Apple's MPS backend is not available here")
+        return "mps"
+    raise UsageError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+_fast_exit_registered = False
+
+
+def register_fast_exit() -> None:
+    """Spare the garbage collector's last pass over torch's objects when the process ends.
+
+    With torch, torchvision and open_clip imported, ending the interpreter took
+    about 0.9 s on the 2-core benchmark machine, a quarter of a cached re-sort;
+    :func:`gc.freeze` at exit (after every ``atexit`` handler registered later,
+    which run first) cuts it to under 0.2 s. Objects are still released by
+    reference counting; only cyclic garbage is left to the operating system.
+    """
+    global _fast_exit_registered
+    if not _fast_exit_registered:
+        import atexit
+        import gc
+
+        atexit.register(gc.freeze)
+        _fast_exit_registered = True
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_threads_for_model() -> int:
+    """Intra-op threads for the model on the CPU: one per available core.
+
+    The decode pool runs beside the model at a lower priority (see
+    :mod:`imgrank.features.pipeline`), so it fills the model's idle moments instead of
+    preempting its threads: PyTorch's OpenMP threads wait for each other at
+    every operation, so one preempted thread stalls them all. On an idle 2-core
+    machine 2 model threads sorted 64 photos of 12 MP 1.4x faster than 1.
+    """
+    return available_cores()

@@ -1,0 +1,340 @@
+"""A model ready to rank: what :func:`imgrank.models.loading.load_model` returns.
+
+A :class:`RankingModel` bundles an image encoder (for the feature stream), a
+text encoder, an optional head (a ranking adapter, or a linear/MLP head, as a
+torch module or an onnxruntime session behind one callable), the
+preprocessing and the cache fingerprint. :meth:`RankingModel.scorer` turns a
+prompt into a :class:`~imgrank.models.scoring.Scorer`, whatever the kind of
+model and the runtime:
+
+==============  ===========================================  ==============================
+kind            scores                                       reads
+==============  ===========================================  ==============================
+``zero-shot``   CLIP similarity to an antonym pair           pooled embedding, prompt
+``adapter``     the ranking-aware adapter's regression head  visual tokens, prompt tokens
+``linear-head`` ``head(normalize(pooled))`` (LAION format)   pooled embedding only
+``mlp-head``    the same with the improved predictor's MLP   pooled embedding only
+==============  ===========================================  ==============================
+
+The torch backbone is built lazily: a re-sort whose photos are all in the
+embedding cache (:meth:`RankingModel.fully_cached`) scores without building
+the image tower, and a zero-shot or head re-sort without importing open_clip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from imgrank.errors import UsageError
+from imgrank.models.clip.config import BackboneSpec, PreprocessConfig
+from imgrank.models.scoring import FeatureBatch, Scorer, ZeroShotScorer, antonym_pair
+
+if TYPE_CHECKING:
+    from imgrank.features.cache import EmbeddingCache
+    from imgrank.models.checkpoints import ModelFolder
+    from imgrank.models.clip.towers import Backbone
+    from imgrank.models.onnx_runtime import OnnxModel
+
+Warn = Callable[[str], None]
+
+#: Kinds of model (see the module doc).
+KINDS = ("zero-shot", "adapter", "linear-head", "mlp-head")
+HEAD_KINDS = ("linear-head", "mlp-head")
+
+
+class HeadScorer:
+    """Scores the pooled embedding with a head; the prompt's words are not read.
+
+    ``head`` maps L2-normalised pooled embeddings (N, E) float32 to (N,)
+    scores: a torch module wrapped by :func:`imgrank.models.heads.torch_head_callable`
+    or the exported graph's onnxruntime session.
+    """
+
+    needs_tokens = False
+
+    def __init__(self, head: Callable[[np.ndarray], np.ndarray], name: str) -> None:
+        self._head = head
+        self.name = name
+
+    def score(self, batch: FeatureBatch) -> np.ndarray:
+        pooled = np.asarray(batch.pooled, dtype=np.float32)
+        norms = np.linalg.norm(pooled, axis=-1, keepdims=True)
+        normalized = pooled / np.maximum(norms, 1e-12)
+        return np.asarray(self._head(np.ascontiguousarray(normalized)), np.float64).reshape(-1)
+
+
+class RankingModel:
+    """A loaded model (see the module doc); :func:`~imgrank.models.loading.load_model` builds it.
+
+    Attributes:
+        kind: ``zero-shot``, ``adapter``, ``linear-head`` or ``mlp-head``.
+        runtime: ``torch`` or ``onnx``.
+        name: What scores, for summaries and reports (e.g. ``zero-shot CLIP``,
+            ``ranking adapter my-model (full)``, ``linear head aesthetic``).
+        folder: The model folder, for adapters and heads loaded with torch.
+    """
+
+    kind: str
+    runtime: str
+    name: str
+    folder: ModelFolder | None = None
+
+    @property
+    def image_encoder(self) -> Any:
+        """The image tower for :func:`imgrank.features.stream.iter_features`.
+
+        It follows :class:`imgrank.features.stream.ImageEncoder`: ``preprocess``,
+        ``fingerprint`` and ``encode_pixels(pixels, tokens=...)`` (numpy in,
+        :class:`~imgrank.models.scoring.FeatureBatch` out), which is also the
+        per-batch function an engine running the tower elsewhere calls.
+        """
+        raise NotImplementedError
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """How pixels are prepared for this model's image tower."""
+        return self.image_encoder.preprocess
+
+    @property
+    def fingerprint(self) -> str:
+        """The embedding cache's key for this model's features (encoder, preprocessing, decode)."""
+        from imgrank.features.stream import cache_fingerprint
+
+        return cache_fingerprint(self.image_encoder)
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether scoring reads visual tokens (adapters) rather than pooled embeddings."""
+        return self.kind == "adapter"
+
+    def fully_cached(self, paths: Sequence[Path], cache: EmbeddingCache) -> bool:
+        """Whether every path is cached for this model, checked without building the backbone.
+
+        False whenever that would cost a build (or the model needs more than
+        the pooled embedding). When True, pass ``images_cached=True`` to
+        :meth:`scorer`.
+        """
+        return False
+
+    def scorer(
+        self, prompt: str, against: str | None = None, *, images_cached: bool = False
+    ) -> Scorer:
+        """The scorer for a prompt.
+
+        Args:
+            prompt: What to sort by (``--by``). Zero-shot scoring phrases it as an
+                antonym pair; an adapter reads it (through its folder's prompt
+                format); a head ignores its words (it only names the ranking).
+            against: Zero-shot only: the negative phrasing, both used verbatim.
+            images_cached: The caller checked :meth:`fully_cached`: the image
+                tower will not run, so it (and, where possible, open_clip) is
+                not loaded.
+
+        Raises:
+            UsageError: an empty prompt, or ``against`` for a model that is not zero-shot.
+            ModelError: the backbone or head cannot be loaded.
+        """
+        if not prompt.strip():
+            raise UsageError('--by needs a non-empty prompt, e.g. --by "image quality"')
+        if against is not None and self.kind != "zero-shot":
+            what = (
+                "this export's adapter"
+                if self.runtime == "onnx"
+                else f"a {self.kind.replace('-', ' ')}"
+            )
+            if self.kind in HEAD_KINDS:
+                raise UsageError(
+                    f"--against is for zero-shot scoring; {what} ignores the prompt's words"
+                )
+            raise UsageError(f"--against is for zero-shot scoring; {what} reads --by as it is")
+        return self._scorer(prompt, against, images_cached)
+
+    def _scorer(self, prompt: str, against: str | None, images_cached: bool) -> Scorer:
+        raise NotImplementedError
+
+    def backbone(self) -> Backbone:
+        """The torch backbone (loaded now if it was not): for training and export."""
+        raise UsageError(f"the {self.runtime} runtime has no torch backbone")
+
+
+class TorchImageEncoder:
+    """The backbone's image tower for the feature stream; the backbone is built on first need."""
+
+    def __init__(self, model: TorchRankingModel) -> None:
+        self._model = model
+        self.name = model.spec.model
+        self.pretrained = model.spec.pretrained
+
+    @property
+    def preprocess(self) -> PreprocessConfig:  # type: ignore[override]
+        return self._model._identity()[1]
+
+    @property
+    def fingerprint(self) -> str:
+        return self._model._identity()[0]
+
+    def encode_pixels(self, pixels: np.ndarray, *, tokens: bool = False) -> FeatureBatch:
+        """Features of normalised pixels (N, 3, S, S): the per-batch function engines call."""
+        return self._model.backbone().encode_pixels(pixels, tokens=tokens)
+
+
+class TorchRankingModel(RankingModel):
+    """A ranking model on the torch runtime: an open_clip backbone and, maybe, a head."""
+
+    runtime = "torch"
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        *,
+        kind: str = "zero-shot",
+        name: str = "zero-shot CLIP",
+        folder: ModelFolder | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        warn: Warn | None = None,
+    ) -> None:
+        self.spec = spec
+        self.kind = kind
+        self.name = name
+        self.folder = folder
+        self.device = device
+        self.precision = precision
+        self._warn = warn
+        self._backbone: Backbone | None = None
+        self._head: Any = None
+        self._adapter: Any = None
+        self._cheap: tuple[str, PreprocessConfig] | None = None
+        self._serve_cached = False
+        self._encoder = TorchImageEncoder(self)
+
+    @property
+    def image_encoder(self) -> TorchImageEncoder:
+        return self._encoder
+
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            from imgrank.models.clip.build import load_backbone
+
+            # Built on first use: a re-sort served from the embedding cache needs no image tower.
+            self._backbone = load_backbone(
+                self.spec,
+                device=self.device,
+                warn=self._warn,
+                lazy_image_tower=True,
+                precision=self.precision,
+            )
+        return self._backbone
+
+    def _identity(self) -> tuple[str, PreprocessConfig]:
+        """The features' fingerprint and preprocessing (cheap for a run served from the cache)."""
+        if self._backbone is None and self._serve_cached and self._cheap is not None:
+            return self._cheap
+        backbone = self.backbone()
+        return backbone.fingerprint, backbone.preprocess
+
+    def fully_cached(self, paths: Sequence[Path], cache: EmbeddingCache) -> bool:
+        if self.kind == "adapter" or self._backbone is not None:
+            return False
+        if self.kind == "zero-shot" and self._light_text() is None:
+            return False
+        from imgrank.features.stream import all_cached
+        from imgrank.models.clip.light_text import features_identity
+
+        self._cheap = features_identity(self.spec)
+        if self._cheap is None:
+            return False
+        self._serve_cached = True
+        try:
+            return all_cached(paths, self._encoder, cache)
+        finally:
+            self._serve_cached = False
+
+    def _light_text(self) -> Any:
+        from imgrank.models.clip.light_text import light_text_encoder
+
+        return light_text_encoder(self.spec, self.device)
+
+    def _scorer(self, prompt: str, against: str | None, images_cached: bool) -> Scorer:
+        self._serve_cached = images_cached and self._cheap is not None
+        if self.kind == "zero-shot":
+            light = self._light_text() if self._serve_cached else None
+            if light is not None:
+                try:
+                    positive, negative = antonym_pair(prompt, against)
+                    pooled, scale = light.encode([positive, negative])
+                    return ZeroShotScorer(pooled, scale, positive, negative)
+                except Exception:  # noqa: BLE001 - weights this tower cannot read: the full path explains
+                    self._serve_cached = False
+            self._serve_cached = False
+            return ZeroShotScorer.for_backbone(self.backbone(), prompt, against)
+        if self.kind == "adapter":
+            from imgrank.models.adapter_scoring import AdapterScorer
+            from imgrank.models.checkpoints import load_adapter
+
+            assert self.folder is not None
+            backbone = self.backbone()
+            if self._adapter is None:
+                # The adapter stays in float32 even where the backbone runs in half precision:
+                # it is small, and its LayerNorms and sums over tokens are precision-sensitive.
+                self._adapter = load_adapter(self.folder, device=backbone.device)
+            return AdapterScorer(
+                self._adapter,
+                backbone,
+                prompt,
+                prompt_format=self.folder.prompt_format,
+                name=f"{self.name} on {self.folder.backbone_spec.model}",
+            )
+        return self._head_scorer()
+
+    def _head_scorer(self) -> Scorer:
+        from imgrank.models.checkpoints import load_head
+        from imgrank.models.heads import torch_head_callable
+
+        assert self.folder is not None
+        if not self._serve_cached:
+            self.backbone()  # a missing or mismatched backbone is reported now, not mid-run
+        if self._head is None:
+            self._head = torch_head_callable(load_head(self.folder))
+        return HeadScorer(self._head, f"{self.name} on {self.folder.backbone_spec.model}")
+
+
+class OnnxRankingModel(RankingModel):
+    """A ranking model on onnxruntime, from a folder written by ``imgrank export`` (no torch)."""
+
+    runtime = "onnx"
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.onnx = model
+        self._encoder = model.image_encoder()
+        head = model.manifest.get("head") or {}
+        if model.has_adapter:
+            self.kind = "adapter"
+            adapter = model.manifest.get("adapter") or {}
+            name, variant = adapter.get("name", "adapter"), adapter.get("variant", "full")
+            self.name = f"ranking adapter {name} ({variant})"
+        elif model.has_head:
+            self.kind = str(head.get("kind", "linear-head"))
+            self.name = f"{self.kind.replace('-', ' ')} {head.get('name', 'head')}"
+        else:
+            self.kind = "zero-shot"
+            self.name = "zero-shot CLIP"
+
+    @property
+    def image_encoder(self) -> Any:
+        return self._encoder
+
+    def _scorer(self, prompt: str, against: str | None, images_cached: bool) -> Scorer:
+        from imgrank.models.onnx_runtime import OnnxAdapterScorer, zero_shot_scorer
+
+        if self.kind == "zero-shot":
+            return zero_shot_scorer(self.onnx, prompt, against)
+        if self.kind == "adapter":
+            return OnnxAdapterScorer(self.onnx, prompt)
+        head = self.onnx.manifest.get("head") or {}
+        backbone = head.get("backbone") or self.onnx.manifest["model"].get("name", "?")
+        return HeadScorer(self.onnx.run_head, f"{self.name} on {backbone}, onnxruntime")
