@@ -23,12 +23,12 @@ from conftest import PHOTOS, tiny_args
 # Runs `imgrank sort`, disturbing two files after the scan found them and before they are decoded.
 _SORT_WITH_A_RACE = r"""
 import sys
-import imgrank.sorter as sorter
+import imgrank.images.sources as sources
 
-real_find = sorter.find_images
+real_find = sources.find_images
 
 def find_then_disturb(*args, **kwargs):
-    found = real_find(*args, **kwargs)
+    found = list(real_find(*args, **kwargs))
     for path in found:
         if path.name == "deleted-after-scan.jpg":
             path.unlink()
@@ -36,7 +36,7 @@ def find_then_disturb(*args, **kwargs):
             path.write_bytes(b"overwritten by another program: not an image any more")
     return found
 
-sorter.find_images = find_then_disturb
+sources.find_images = find_then_disturb
 from imgrank.cli import main
 sys.argv = ["imgrank", *sys.argv[1:]]
 main()
