@@ -599,6 +599,46 @@ def _in_progress_error(run: RunRecord) -> UnsafeOperationError:
     )
 
 
+def locate(step: StepRecord) -> list[Position]:
+    """Where the step's file is: the names among source, temp and target that hold its inode."""
+    found: list[Position] = []
+    for position in ("source", "temp", "target"):
+        now = identity_or_none(step.position(position))  # type: ignore[arg-type]
+        if now is not None and now.same_inode(step.identity):
+            found.append(position)  # type: ignore[arg-type]
+    return found
+
+
+def close_if_restored(run: RunRecord) -> bool:
+    """Close an unfinished rename run in which every photo is back under its original name.
+
+    A failed ``--apply`` that reversed every rename but could not write its
+    closing line (a full disk, a journal that stopped being writable) stayed
+    "interrupted" and blocked every writing command, though there was nothing
+    to recover. A run whose journal records renames and whose every photo is
+    back at its original name (checked by inode, and at none of its other
+    names) is closed as rolled back here; any other state is left for
+    ``imgrank recover``.
+
+    Returns:
+        Whether the run was closed.
+    """
+    if run.finished or run.sidecars or not run.steps or is_in_progress(run):
+        return False
+    if not run.moved:
+        # No rename recorded: a run killed before its first rename, which `imgrank
+        # recover` settles in either direction (--forward may still be wanted).
+        return False
+    if any(locate(step) != ["source"] for step in run.steps):
+        return False
+    try:
+        with reopen(run) as writer:
+            writer.finish("rolled_back", "restored")
+    except (UnsafeOperationError, OSError):
+        return False  # still not writable: the guard explains, `imgrank recover` settles it
+    return True
+
+
 def check_no_unfinished_run(directory: Path | None = None) -> None:
     """The guard every command that writes into a user's folders calls first.
 
@@ -606,8 +646,6 @@ def check_no_unfinished_run(directory: Path | None = None) -> None:
         UnfinishedRunError: an interrupted run must be recovered first.
         UnsafeOperationError: another imgrank process is renaming right now.
     """
-    from imgrank.files.renaming import close_if_restored  # renaming imports this module
-
     for run in unfinished_runs(directory):
         if is_in_progress(run):
             raise _in_progress_error(run)

@@ -49,6 +49,7 @@ from imgrank.files.journal import (
     identity_or_none,
     is_in_progress,
     list_runs,
+    locate,
     new_run_id,
     reopen,
     temp_name,
@@ -186,36 +187,6 @@ def _execute(writer: JournalWriter, steps: list[StepRecord], moves: list[Move]) 
         raise
 
 
-def close_if_restored(run: RunRecord) -> bool:
-    """Close an unfinished rename run in which every photo is back under its original name.
-
-    A failed ``--apply`` that reversed every rename but could not write its
-    closing line (a full disk, a journal that stopped being writable) stayed
-    "interrupted" and blocked every writing command, though there was nothing
-    to recover. A run whose journal records renames and whose every photo is
-    back at its original name (checked by inode, and at none of its other
-    names) is closed as rolled back here; any other state is left for
-    ``imgrank recover``.
-
-    Returns:
-        Whether the run was closed.
-    """
-    if run.finished or run.sidecars or not run.steps or is_in_progress(run):
-        return False
-    if not run.moved:
-        # No rename recorded: a run killed before its first rename, which `imgrank
-        # recover` settles in either direction (--forward may still be wanted).
-        return False
-    if any(_locate(step) != ["source"] for step in run.steps):
-        return False
-    try:
-        with reopen(run) as writer:
-            writer.finish("rolled_back", "restored")
-    except (UnsafeOperationError, OSError):
-        return False  # still not writable: the guard explains, `imgrank recover` settles it
-    return True
-
-
 def parked_files(directory: Path | None = None) -> list[tuple[RunRecord, list[Path]]]:
     """Files an interrupted rename run left under its hidden temporary names.
 
@@ -226,7 +197,7 @@ def parked_files(directory: Path | None = None) -> list[tuple[RunRecord, list[Pa
     for run in unfinished_runs(directory):
         if is_in_progress(run):
             continue
-        paths = [step.temp for step in run.steps if "temp" in _locate(step)]
+        paths = [step.temp for step in run.steps if "temp" in locate(step)]
         if paths:
             parked.append((run, paths))
     return parked
@@ -256,16 +227,6 @@ def _failure(
     )
 
 
-def _locate(step: StepRecord) -> list[Position]:
-    """Where the step's file is: the names among source, temp and target that hold its inode."""
-    found: list[Position] = []
-    for position in ("source", "temp", "target"):
-        now = identity_or_none(step.position(position))  # type: ignore[arg-type]
-        if now is not None and now.same_inode(step.identity):
-            found.append(position)  # type: ignore[arg-type]
-    return found
-
-
 def _settle(
     steps: list[StepRecord], want: Literal["source", "target"], writer: JournalWriter | None
 ) -> list[str]:
@@ -279,7 +240,7 @@ def _settle(
     problems: list[str] = []
     entries: dict[int, tuple[Path, Path]] = {}
     for step in steps:
-        found = _locate(step)
+        found = locate(step)
         desired = step.position(want)
         if not found:
             problems.append(
@@ -335,7 +296,7 @@ def _settle(
             rename_noreplace(move.source, move.target)
         except OSError as exc:
             failed.add(move.step)
-            found = _locate(step)
+            found = locate(step)
             where = step.position(found[0]) if found else "an unknown place"
             problems.append(
                 f"{step.source.name} is at {where}; it could not be moved to {move.target.name}: "
