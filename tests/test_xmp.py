@@ -390,3 +390,22 @@ def test_train_sees_a_raw_jpeg_pair_once_rated_from_the_raw_sidecar(tmp_path: Pa
     labels = read_rated_folder(tmp_path, prompt="keepers")
     assert [(r.path.name, r.value) for r in labels.rows] == [("IMG_1.jpg", 3.0)]
     assert not labels.bad
+
+
+@needs_exiftool
+def test_pick_with_stem_sidecars_marks_a_raw_jpeg_pair_through_one_sidecar(shoot: Path) -> None:
+    (shoot / "chelsea.jpg.xmp").unlink()
+    (shoot / "coffee.dng").write_bytes(b"the RAW of coffee.jpg")  # paired, so never decoded
+    result = sort(
+        str(shoot), "--by", "a cup", "--xmp", "pick", "--xmp-top", "1",
+        "--xmp-sidecar", "stem", "--apply",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    sidecars = sorted(p.name for p in shoot.glob("*.xmp"))
+    assert sidecars == ["astronaut.xmp", "chelsea.xmp", "coffee.xmp", "rocket.xmp"]
+    picks = {p.stem: exiftool(p, "XMP:PickLabel", "XMP:Rating") for p in shoot.glob("*.xmp")}
+    accepted = [name for name, tags in picks.items() if tags["PickLabel"] == "3"]
+    assert len(accepted) == 1 and "Rating" not in picks[accepted[0]]
+    assert all(t == {"PickLabel": "1", "Rating": "-1"} for n, t in picks.items() if n not in accepted)
+    assert runner.invoke(app, ["undo", "--last"]).exit_code == 0
+    assert not list(shoot.glob("*.xmp"))
