@@ -72,6 +72,14 @@ def _scores(result: list[tuple[Path, float]]) -> dict[str, float]:
     return {path.name: score for path, score in result}
 
 
+def _same_scores(got: dict[str, float], expected: dict[str, float]) -> bool:
+    """Same files, same scores up to float noise: batches of another composition (cached and
+    computed images mixed) can change the last bits of a matrix product."""
+    return got.keys() == expected.keys() and all(
+        got[name] == pytest.approx(expected[name], abs=1e-6) for name in got
+    )
+
+
 def _write_entries(cache: EmbeddingCache, count: int, tag: str = "a") -> int:
     model = cache.model_id("fingerprint-" + tag, "test model")
     for i in range(count):
@@ -110,7 +118,7 @@ def test_resort_by_a_new_prompt_decodes_nothing_and_builds_no_image_tower(
         )
     assert (stats.cache_hits, stats.cache_misses) == (len(paths), 0)
     assert not image_tower_built(second), "a fully cached re-sort must not build the image tower"
-    assert _scores(result) == expected  # pooled embeddings are stored exactly (float32)
+    assert _same_scores(_scores(result), expected)
 
 
 def test_a_changed_photo_is_embedded_again(
@@ -132,7 +140,7 @@ def test_a_changed_photo_is_embedded_again(
         stats = PipelineStats()
         result = score_images(paths, backbone, scorer, cache=cache, stats=stats)
     assert (stats.cache_hits, stats.cache_misses) == (len(paths) - 1, 1)
-    assert _scores(result) == _scores(score_images(paths, backbone, scorer))
+    assert _same_scores(_scores(result), _scores(score_images(paths, backbone, scorer)))
 
     # Size, mtime and inode are compared: touching the file invalidates it too.
     os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -343,7 +351,12 @@ def test_sort_uses_the_cache_and_cache_commands_report_it(
     first = runner.invoke(app, base)
     assert first.exit_code == 0, first.output
     assert default_cache_db().exists()
-    assert first.stdout == result.stdout  # the cache does not change the ranking
+    # The cache does not change the ranking (scores compared up to float noise).
+    ranked = [line.rsplit(",", 1)[-1] for line in first.stdout.splitlines()]
+    assert ranked == [line.rsplit(",", 1)[-1] for line in result.stdout.splitlines()]
+    assert [float(line.split(",")[1]) for line in first.stdout.splitlines()[1:]] == pytest.approx(
+        [float(line.split(",")[1]) for line in result.stdout.splitlines()[1:]], abs=2e-6
+    )
 
     own = tmp_path / "mine.sqlite3"
     assert runner.invoke(app, [*base, "--cache", str(own)]).exit_code == 0
@@ -543,7 +556,7 @@ def test_a_truncated_cache_is_moved_aside_and_the_sort_goes_on(
     scorer = _zero_shot(backbone, "image quality")
     with EmbeddingCache.open(db, on_warning=warnings.append) as cache:
         result = score_images(paths, backbone, scorer, cache=cache, on_warning=warnings.append)
-    assert _scores(result) == _scores(score_images(paths, backbone, scorer))
+    assert _same_scores(_scores(result), _scores(score_images(paths, backbone, scorer)))
     assert warnings and "broken-" in warnings[0]
     with open_existing(db) as cache:
         assert cache.integrity_check() == ["ok"] and cache.summary().entries == 4

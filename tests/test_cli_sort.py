@@ -55,7 +55,8 @@ def test_jsonl_and_paths_formats_agree_with_csv(photo_dir: Path) -> None:
     table = rows(sort(str(photo_dir), "--by", "sharpness").stdout)
     jsonl = [json.loads(line) for line in sort(str(photo_dir), "--by", "sharpness", "--format", "jsonl").stdout.splitlines()]
     assert [(o["rank"], o["path"]) for o in jsonl] == [(int(r["rank"]), r["path"]) for r in table]
-    assert [round(o["score"], 6) for o in jsonl] == [float(r["score"]) for r in table]
+    # Two runs (the second served from the cache): equal up to float noise and CSV rounding.
+    assert [o["score"] for o in jsonl] == pytest.approx([float(r["score"]) for r in table], abs=2e-6)
     paths = sort(str(photo_dir), "--by", "sharpness", "--format", "paths").stdout.splitlines()
     assert paths == [r["path"] for r in table]
     null = sort(str(photo_dir), "--by", "sharpness", "--format", "paths", "-0").stdout_bytes
@@ -207,7 +208,13 @@ def test_console_script_pipes_data_only_to_stdout(photo_dir: Path) -> None:
     # stderr is not a terminal here: no progress bar or summary, only the random-weights warning.
     assert b"scored" not in done.stderr and b"RANDOM" in done.stderr
     quiet = run_script("sort", str(photo_dir), "--by", "image quality", "--quiet", *tiny_args())
-    assert quiet.stderr == b"" and quiet.stdout == done.stdout
+    assert quiet.stderr == b""
+    # The second run is served from the cache: the same order, scores up to float noise.
+    again = rows(quiet.stdout.decode())
+    assert [r["path"] for r in again] == [r["path"] for r in table]
+    assert [float(r["score"]) for r in again] == pytest.approx(
+        [float(r["score"]) for r in table], abs=2e-6
+    )
 
 
 def test_console_script_writes_non_utf8_names_back_exactly(tmp_path: Path) -> None:

@@ -455,7 +455,7 @@ def test_sort_runtime_onnx_matches_torch_end_to_end(tiny_export: Path, many_phot
     ("extra", "message"),
     [
         (["--runtime", "onnx"], "needs --onnx DIR"),
-        (["--runtime", "tensorflow"], "--runtime must be torch or onnx"),
+        (["--runtime", "tensorflow"], "'tensorflow' is not one of"),  # refused by the choice
         (["--runtime", "torch", "--onnx", "{export}"], "--onnx DIR is for --runtime onnx"),
         (["--providers", "cpu"], "--providers is for --runtime onnx"),
         (["--onnx", "{export}", "--model", "ViT-B-16"], "--model only apply to --runtime torch"),

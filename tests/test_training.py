@@ -207,8 +207,9 @@ def test_same_seed_same_weights_other_seed_other_weights(counting: Path, tmp_pat
         )
         outs.append(load_file(str(result.out / "adapter.safetensors")))
     assert outs[0].keys() == outs[1].keys()
-    assert all(np.array_equal(outs[0][k], outs[1][k]) for k in outs[0])
-    assert not all(np.array_equal(outs[0][k], outs[2][k]) for k in outs[0])
+    # Same seed: the same weights (up to float noise); another seed: clearly other weights.
+    assert all(np.allclose(outs[0][k], outs[1][k], rtol=0, atol=1e-6) for k in outs[0])
+    assert not all(np.allclose(outs[0][k], outs[2][k], rtol=0, atol=1e-3) for k in outs[0])
 
 
 class _InterruptAt(TrainingReporter):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from imgrank import __version__
+from imgrank.cli.help import ImgrankCommand
 
 app = typer.Typer(
     name="imgrank",
@@ -39,30 +40,39 @@ def _root(
 # Command registration: one line per command module.
 from imgrank.cli import sort_cmd  # noqa: E402
 
-app.command("sort")(sort_cmd.sort)
+app.command("sort", cls=ImgrankCommand)(sort_cmd.sort)
 from imgrank.cli import embed_cmd  # noqa: E402
 
-app.command("embed")(embed_cmd.embed)
+app.command("embed", cls=ImgrankCommand)(embed_cmd.embed)
 from imgrank.cli import cache_cmd  # noqa: E402
 
 app.add_typer(cache_cmd.app, name="cache")
 from imgrank.cli import export_cmd  # noqa: E402
 
-app.command("export")(export_cmd.export)
+app.command("export", cls=ImgrankCommand)(export_cmd.export)
 from imgrank.cli import adapter_cmd  # noqa: E402
 
 app.add_typer(adapter_cmd.app, name="adapter")
 from imgrank.cli import runs_cmd  # noqa: E402
 
-app.command("runs")(runs_cmd.runs)
-app.command("undo")(runs_cmd.undo)
-app.command("recover")(runs_cmd.recover)
+app.command("runs", cls=ImgrankCommand)(runs_cmd.runs)
+app.command("undo", cls=ImgrankCommand)(runs_cmd.undo)
+app.command("recover", cls=ImgrankCommand)(runs_cmd.recover)
 from imgrank.cli import train_cmd  # noqa: E402
 
-app.command("train")(train_cmd.train)
-app.command("eval")(train_cmd.evaluate)
+app.command("train", cls=ImgrankCommand)(train_cmd.train)
+app.command("eval", cls=ImgrankCommand)(train_cmd.evaluate)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: process-wide settings belong here, not in the library."""
+    import atexit
+    import gc
+
+    # Spare the garbage collector's last pass over torch's objects at exit: with
+    # torch and open_clip imported, ending the interpreter took about 0.9 s on the
+    # 2-core benchmark machine, a quarter of a cached re-sort; gc.freeze() cuts it
+    # to under 0.2 s. Registered first, so it runs after every other atexit handler.
+    # Objects are still released by reference counting.
+    atexit.register(gc.freeze)
     app()

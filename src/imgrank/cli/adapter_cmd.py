@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from imgrank.cli.common import check_before_writing, err_console, handle_errors
+from imgrank.cli.help import ImgrankCommand
+from imgrank.cli.options import PANEL_MODEL, JsonOption, OutFolderOption
 
 app = typer.Typer(
     name="adapter",
@@ -21,23 +23,38 @@ app = typer.Typer(
 )
 
 
-@app.command("import")
+@app.command("import", cls=ImgrankCommand)
 @handle_errors
 def import_checkpoint(
-    checkpoint: Path = typer.Argument(
-        ..., help="The authors' checkpoint (.pt with a state_dict; read with weights_only=True)."
-    ),
-    config: str = typer.Option(
-        "convnext_large_d_320-adapter",
-        "--config",
-        "-c",
-        help="Their model config JSON, or the name of a config shipped with imgrank "
-        "(default: the one of their released checkpoints).",
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Model folder to create (must not exist)."),
-    name: str | None = typer.Option(
-        None, "--name", help="Backbone name to record (default: from the config file name)."
-    ),
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CHECKPOINT",
+            help="The authors' checkpoint (.pt with a state_dict; read with weights_only=True).",
+            show_default=False,
+        ),
+    ],
+    out: OutFolderOption,
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="NAME|JSON",
+            help="Their model config JSON, or the name of a config shipped with imgrank "
+            "(default: the one of their released checkpoints).",
+            rich_help_panel=PANEL_MODEL,
+        ),
+    ] = "convnext_large_d_320-adapter",
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            metavar="TEXT",
+            help="Backbone name to record (default: from the config file name).",
+            rich_help_panel=PANEL_MODEL,
+        ),
+    ] = None,
 ) -> None:
     """Turn an authors' checkpoint into a self-contained imgrank model folder.
 
@@ -63,11 +80,14 @@ def import_checkpoint(
     typer.echo(str(folder.path))
 
 
-@app.command("info")
+@app.command("info", cls=ImgrankCommand)
 @handle_errors
 def info(
-    folder: Path = typer.Argument(..., help="An imgrank model folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the folder's config.json as JSON."),
+    folder: Annotated[
+        Path,
+        typer.Argument(metavar="DIR", help="An imgrank model folder.", show_default=False),
+    ],
+    as_json: JsonOption = False,
 ) -> None:
     """Show what a model folder holds: adapter, backbone, preprocessing, prompts, provenance."""
     from imgrank.models.checkpoints import CONFIG_FILE, load_adapter, load_model_folder

@@ -17,6 +17,8 @@ import typer
 from rich.markup import escape
 
 from imgrank.cli.common import err_console, handle_errors
+from imgrank.cli.help import ImgrankCommand
+from imgrank.cli.options import CacheOption, JsonOption
 
 if TYPE_CHECKING:
     from imgrank.features.cache import EmbeddingCache
@@ -30,8 +32,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_CACHE_HELP = "Cache database file (default: embeddings.sqlite3 in the user cache folder)."
-CacheOption = Annotated[Path | None, typer.Option("--cache", help=_CACHE_HELP)]
 
 
 def _path(cache: Path | None) -> Path:
@@ -58,13 +58,11 @@ def _iso(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds))
 
 
-@app.command("info")
+@app.command("info", cls=ImgrankCommand)
 @handle_errors
 def info(
     cache: CacheOption = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
-    ] = False,
+    as_json: JsonOption = False,
     check: Annotated[
         bool,
         typer.Option("--check", help="Also run SQLite's integrity check (reads the whole file)."),
@@ -132,7 +130,7 @@ def info(
         out.print(table)
 
 
-@app.command("prune")
+@app.command("prune", cls=ImgrankCommand)
 @handle_errors
 def prune(cache: CacheOption = None) -> None:
     """Remove entries of photos that were deleted, moved or changed since they were cached.
@@ -155,7 +153,7 @@ def prune(cache: CacheOption = None) -> None:
     )
 
 
-@app.command("clear")
+@app.command("clear", cls=ImgrankCommand)
 @handle_errors
 def clear(cache: CacheOption = None) -> None:
     """Remove every entry (the next sort of each folder embeds its photos again)."""

@@ -165,6 +165,21 @@ def option_given(ctx: typer.Context, parameter: str) -> bool:
     return source is not None and source.name != "DEFAULT"
 
 
+def prepare_torch() -> None:
+    """Process-wide torch settings for a command-line run; the library never sets them.
+
+    The model gets one intra-op thread per available core (the container's
+    share, not the host's), set before any tensor work so the pool starts at
+    that size; see :func:`imgrank.models.device.cpu_threads_for_model` for
+    the measurement. Called by the commands that run the torch model.
+    """
+    import torch
+
+    from imgrank.models.device import cpu_threads_for_model
+
+    torch.set_num_threads(cpu_threads_for_model())
+
+
 def check_before_writing() -> None:
     """The unfinished-run guard: every command that writes files calls it first.
 

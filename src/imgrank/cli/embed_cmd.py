@@ -8,6 +8,18 @@ import typer
 from rich.markup import escape
 
 from imgrank.cli.common import check_before_writing, err_console, handle_errors, option_given, warn
+from imgrank.cli.options import (
+    PANEL_ENGINE,
+    PANEL_INPUT,
+    AdapterOption,
+    BatchSizeOption,
+    DeviceOption,
+    Engine,
+    ModelOption,
+    PretrainedOption,
+    QuietOption,
+    WorkersOption,
+)
 from imgrank.errors import UsageError
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE
 from imgrank.images.decode import DEFAULT_MAX_PIXELS
@@ -25,11 +37,11 @@ def embed(
         show_default=False,
     ),
     out: Path = typer.Option(
-        ..., "--out", help="The dataset folder: new, empty, or written by imgrank embed before."
+        ..., "--out", metavar="DIR", help="The dataset folder: new, empty, or written by imgrank embed before."
     ),
     paths_from: Path | None = typer.Option(
         None,
-        "--paths-from",
+        "--paths-from", rich_help_panel=PANEL_INPUT, metavar="FILE",
         help="Embed the files named in FILE instead of SRC: one path or URI per line, or a "
         "CSV or Parquet file with a 'path' column.",
     ),
@@ -39,49 +51,37 @@ def embed(
         help="Also store the visual tokens, which adapters read (about 150 KB per photo "
         "with ViT-B-32, against 2 KB for the pooled embedding alone).",
     ),
-    engine: str = typer.Option("local", "--engine", help="local or ray (see docs/distributed.md)."),
+    engine: Engine = typer.Option(  # noqa: B008
+        Engine.local, "--engine", rich_help_panel=PANEL_ENGINE, help="local (this process) or ray (Ray Data)."
+    ),
     ray_address: str | None = typer.Option(
-        None, "--ray-address", help="With --engine ray: join a running cluster (auto, HOST:PORT)."
+        None, "--ray-address", rich_help_panel=PANEL_ENGINE, metavar="ADDRESS", help="With --engine ray: join a running cluster (auto, HOST:PORT)."
     ),
     ray_actors: int | None = typer.Option(
-        None, "--ray-actors", help="With --engine ray: encode actors (default: one per GPU, "
+        None, "--ray-actors", rich_help_panel=PANEL_ENGINE, metavar="N", help="With --engine ray: encode actors (default: one per GPU, "
         "else enough to use 2/3 of the CPUs).",
     ),
     ray_cpus_per_actor: float | None = typer.Option(
-        None, "--ray-cpus-per-actor", help="With --engine ray: CPUs per encode actor."
+        None, "--ray-cpus-per-actor", rich_help_panel=PANEL_ENGINE, metavar="N", help="With --engine ray: CPUs per encode actor."
     ),
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="open_clip model name, or path to a model config JSON."
-    ),
-    pretrained: str = typer.Option(
-        DEFAULT_PRETRAINED,
-        "--pretrained",
-        help="open_clip pretrained tag, a local .safetensors/.pt weights file, or 'none' "
-        "(random weights, for tests).",
-    ),
-    adapter: Path | None = typer.Option(
-        None,
-        "--adapter",
-        help="Embed with the backbone and preprocessing of this adapter folder, so the "
-        "dataset can be sorted with it (add --tokens: adapters read visual tokens).",
-    ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per forward pass."),
-    workers: int | None = typer.Option(
-        None, "--workers", help="Local engine: decode threads (default: one per CPU core)."
-    ),
-    recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Scan sub-folders too."),
+    model: ModelOption = DEFAULT_MODEL,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    adapter: AdapterOption = None,
+    device: DeviceOption = "auto",
+    batch_size: BatchSizeOption = DEFAULT_BATCH_SIZE,
+    workers: WorkersOption = None,
+    recursive: bool = typer.Option(True, "--recursive/--no-recursive", rich_help_panel=PANEL_INPUT, help="Scan sub-folders too."),
     include_hidden: bool = typer.Option(
-        False, "--include-hidden", help="Also embed files and folders whose name starts with a dot."
+        False, "--include-hidden", rich_help_panel=PANEL_INPUT, help="Also embed files and folders whose name starts with a dot."
     ),
     max_pixels: int = typer.Option(
-        DEFAULT_MAX_PIXELS, "--max-pixels", help="Skip images larger than this (decompression bombs)."
+        DEFAULT_MAX_PIXELS, "--max-pixels", rich_help_panel=PANEL_INPUT, metavar="N", help="Skip images larger than this (decompression bombs)."
     ),
     errors: Path | None = typer.Option(
-        None, "--errors", help="Write the skipped files as CSV (path,reason) to FILE."
+        None, "--errors", metavar="FILE", help="Write the skipped files as CSV (path,reason) to FILE."
     ),
     force: bool = typer.Option(False, "--force", help="Allow --errors to replace an existing file."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+    quiet: QuietOption = False,
 ) -> None:
     """Store the features of the photos of SRC in the dataset --out, for sorting by any prompt.
 
@@ -124,7 +124,7 @@ def embed(
             model_given=option_given(ctx, "model"),
             pretrained_given=option_given(ctx, "pretrained"),
             paths_from=paths_from,
-            engine=engine,
+            engine=Engine(engine).value,
             ray_actors=ray_actors,
             ray_cpus_per_actor=ray_cpus_per_actor,
         )

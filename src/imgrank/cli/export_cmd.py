@@ -2,38 +2,44 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from imgrank.cli.common import check_before_writing, err_console, handle_errors, option_given, warn
+from imgrank.cli.common import (
+    check_before_writing,
+    err_console,
+    handle_errors,
+    option_given,
+    prepare_torch,
+    warn,
+)
+from imgrank.cli.options import (
+    PANEL_OUTPUT,
+    AdapterOption,
+    ModelOption,
+    OutFolderOption,
+    PretrainedOption,
+    QuietOption,
+)
 from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 
 @handle_errors
 def export(
     ctx: typer.Context,
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="New (or empty) folder to write the export to."
-    ),
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="open_clip model name, or path to a model config JSON."
-    ),
-    pretrained: str = typer.Option(
-        DEFAULT_PRETRAINED,
-        "--pretrained",
-        help="open_clip pretrained tag, a local .safetensors/.pt weights file, or 'none' "
-        "(random weights, for tests).",
-    ),
-    adapter: Path | None = typer.Option(
-        None,
-        "--adapter",
-        help="Model folder whose adapter is exported too; its own backbone is used unless "
-        "--model/--pretrained are given (they must be what the adapter was trained on).",
-    ),
-    opset: int = typer.Option(17, "--opset", help="ONNX operator set version."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+    out: OutFolderOption,
+    model: ModelOption = DEFAULT_MODEL,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    adapter: AdapterOption = None,
+    opset: Annotated[
+        int,
+        typer.Option(
+            "--opset", metavar="N", help="ONNX operator set version.", rich_help_panel=PANEL_OUTPUT
+        ),
+    ] = 17,
+    quiet: QuietOption = False,
 ) -> None:
     """Export the model to ONNX so `imgrank sort --runtime onnx --onnx DIR` runs without torch.
 
@@ -52,6 +58,7 @@ def export(
     from imgrank.models.onnx_export import export_model
 
     check_before_writing()  # refuse while an interrupted rename run is unsettled
+    prepare_torch()
 
     def progress(step: str) -> None:
         if not quiet:

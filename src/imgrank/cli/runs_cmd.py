@@ -11,12 +11,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Optional
+from typing import TYPE_CHECKING, Annotated, BinaryIO
 
 import typer
 from rich.markup import escape
 
 from imgrank.cli.common import StdoutSink, check_before_writing, err_console, handle_errors
+from imgrank.cli.options import JsonOption, QuietOption
 from imgrank.errors import UsageError
 
 if TYPE_CHECKING:
@@ -45,9 +46,7 @@ def _state(run: RunRecord, undone_by: dict[str, str]) -> str:
 
 @handle_errors
 def runs(
-    as_json: bool = typer.Option(
-        False, "--json", help="One JSON object per run instead of a table."
-    ),
+    as_json: JsonOption = False,
 ) -> None:
     """List past rename runs (oldest first) with their state.
 
@@ -106,9 +105,14 @@ def runs(
 
 @handle_errors
 def undo(
-    run_id: Optional[str] = typer.Argument(None, help="The run to undo (see `imgrank runs`)."),  # noqa: UP045
-    last: bool = typer.Option(False, "--last", help="Undo the latest rename run not yet undone."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+    run_id: Annotated[
+        str | None,
+        typer.Argument(metavar="RUN_ID", help="The run to undo (see `imgrank runs`)."),
+    ] = None,
+    last: Annotated[
+        bool, typer.Option("--last", help="Undo the latest rename run not yet undone.")
+    ] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Give the photos of a rename run their names back.
 
@@ -133,9 +137,10 @@ def undo(
 
 @handle_errors
 def recover(
-    forward: bool = typer.Option(
-        False, "--forward", help="Finish the interrupted run instead of rolling it back."
-    ),
+    forward: Annotated[
+        bool,
+        typer.Option("--forward", help="Finish the interrupted run instead of rolling it back."),
+    ] = False,
 ) -> None:
     """Settle a rename run that was interrupted (Ctrl-C, kill -9, power loss).
 

@@ -6,7 +6,7 @@ import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -17,12 +17,37 @@ from imgrank.cli.common import (
     err_console,
     handle_errors,
     option_given,
+    prepare_torch,
     route_library_warnings,
     warn,
 )
+from imgrank.cli.options import (
+    PANEL_ENGINE,
+    PANEL_INPUT,
+    PANEL_MODEL,
+    PANEL_OUTPUT,
+    PANEL_RANKING,
+    PANEL_RENAME,
+    PANEL_XMP,
+    AdapterOption,
+    BatchSizeOption,
+    CacheOption,
+    DeviceOption,
+    Engine,
+    ModelOption,
+    NoCacheOption,
+    OutputFormat,
+    PretrainedOption,
+    QuietOption,
+    RawPairs,
+    Runtime,
+    WorkersOption,
+    XmpField,
+    XmpSidecar,
+    cache_choice,
+)
 from imgrank.errors import UsageError
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE
-from imgrank.files.writers import FORMATS
 from imgrank.images.decode import DEFAULT_MAX_PIXELS
 
 # These modules import torch only inside functions, so importing them here is cheap.
@@ -33,189 +58,331 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
 
-@handle_errors
-def sort(
-    ctx: typer.Context,
-    source: str | None = typer.Argument(
-        None,
+#: Options only ``sort`` has, declared here; the shared ones come from :mod:`imgrank.cli.options`.
+SourceArgument = Annotated[
+    str | None,
+    typer.Argument(
         metavar="SRC",
         help="Folder of photos to rank (scanned recursively), a features dataset written by "
         "`imgrank embed`, or a URI (s3://, gs://, hdfs://, file://) read through pyarrow.",
         show_default=False,
     ),
-    by: str = typer.Option(..., "--by", "-b", help='What to sort by, e.g. "image quality".'),
-    against: str | None = typer.Option(
-        None,
-        "--against",
-        help="Zero-shot only: the negative phrasing, used verbatim with --by verbatim "
-        '(e.g. --by "a sharp photo" --against "a blurry photo").',
+]
+ByOption = Annotated[
+    str,
+    typer.Option(
+        "--by",
+        "-b",
+        metavar="TEXT",
+        help='What to sort by, e.g. "image quality".',
+        rich_help_panel=PANEL_RANKING,
     ),
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="open_clip model name, or path to a model config JSON."
-    ),
-    pretrained: str = typer.Option(
-        DEFAULT_PRETRAINED,
-        "--pretrained",
-        help="open_clip pretrained tag, a local .safetensors/.pt weights file, or 'none' "
-        "(random weights: meaningless ranking, for tests).",
-    ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Images per forward pass."),
-    workers: int | None = typer.Option(
-        None, "--workers", min=1, help="Decode threads (default: one per CPU core)."
-    ),
-    recursive: bool = typer.Option(
-        True, "--recursive/--no-recursive", help="Scan sub-folders too."
-    ),
-    include_hidden: bool = typer.Option(
-        False, "--include-hidden", help="Also rank files and folders whose name starts with a dot."
-    ),
-    fmt: str = typer.Option(
-        "csv", "--format", "-f", help="Output format: csv (rank,score,path), jsonl, or paths."
-    ),
-    output: Path | None = typer.Option(
-        None, "--output", "-o", help="Write the ranking to FILE instead of stdout."
-    ),
-    null: bool = typer.Option(
-        False, "--null", "-0", help="With --format paths: separate paths with NUL (for xargs -0)."
-    ),
-    top: int | None = typer.Option(None, "--top", help="Keep only the first K images."),
-    ascending: bool = typer.Option(False, "--ascending", help="Lowest score first."),
-    link: Path | None = typer.Option(
-        None, "--link", help="Also create rank-ordered symlinks (0001_name.jpg, ...) in DIR."
-    ),
-    copy: Path | None = typer.Option(
-        None, "--copy", help="Also create rank-ordered copies (0001_name.jpg, ...) in DIR."
-    ),
-    rename: bool = typer.Option(
-        False,
-        "--rename",
-        help="Show how the photos would be renamed into rank order (old -> new, on stdout "
-        "instead of the ranking); changes nothing without --apply.",
-    ),
-    apply: bool = typer.Option(
-        False,
-        "--apply",
-        help="With --rename: do rename the photos; with --xmp: do write the sidecars "
-        "(undo either: `imgrank undo --last`).",
-    ),
-    name_template: str | None = typer.Option(
-        None,
-        "--name-template",
-        help='With --rename: new names from {rank}, {score}, {stem}, {ext} '
-        '(default "{rank}_{stem}{ext}"). See docs/safety.md.',
-    ),
-    errors: Path | None = typer.Option(
-        None, "--errors", help="Write the skipped files as CSV (path,reason) to FILE."
-    ),
-    report: Path | None = typer.Option(
-        None,
-        "--report",
-        help="Also write an HTML contact sheet to FILE: thumbnails in rank order with scores, "
-        "a score histogram, the skipped files. See docs/report.md.",
-    ),
-    preview: int | None = typer.Option(
-        None,
-        "--preview",
-        min=1,
-        help="Show the first and last N images on stderr: inline pictures in kitty, Ghostty, "
-        "iTerm2 and WezTerm, a plain list elsewhere.",
-    ),
-    force: bool = typer.Option(
-        False, "--force", help="Allow --output/--errors/--report to replace an existing file."
-    ),
-    max_pixels: int = typer.Option(
-        DEFAULT_MAX_PIXELS, "--max-pixels", help="Skip images larger than this (decompression bombs)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
-    cache: Path | None = typer.Option(
-        None,
-        "--cache",
-        help="Embedding cache file (default: embeddings.sqlite3 in the user cache folder). "
-        "Re-sorting a folder reads its features from the cache instead of decoding the photos.",
-    ),
-    no_cache: bool = typer.Option(
-        False, "--no-cache", help="Neither read nor write the embedding cache."
-    ),
-    adapter: Path | None = typer.Option(
-        None,
-        "--adapter",
-        help="Score with a ranking-adapter model folder (see `imgrank adapter`); it brings its "
-        "own backbone and preprocessing unless --model/--pretrained are given.",
-    ),
-    runtime: str | None = typer.Option(
-        None,
-        "--runtime",
-        help="torch, or onnx (onnxruntime, no torch needed; implied by --onnx). See docs/onnx.md.",
-    ),
-    onnx: Path | None = typer.Option(
-        None, "--onnx", help="With --runtime onnx: a folder written by `imgrank export`."
-    ),
-    providers: str | None = typer.Option(
-        None,
-        "--providers",
-        help="onnxruntime providers in order, e.g. cuda,cpu (default: CUDA if any, else CPU).",
-    ),
-    xmp: str | None = typer.Option(
-        None,
-        "--xmp",
-        help="Show what XMP sidecars would get (file: field old -> new, on stdout instead of "
-        "the ranking); with --apply, write them. rating: xmp:Rating 5..1 by quintile; label: "
-        "xmp:Label for the top photos; pick: top accepted, the rest rejected. See docs/xmp.md.",
-    ),
-    xmp_scale: str | None = typer.Option(
-        None,
-        "--xmp-scale",
-        help="With --xmp rating: quintiles (default), percent:P5,P4,P3,P2,P1 (shares for 5..1 "
-        "stars) or score:T5,T4,T3,T2 (lowest score for 5..2 stars).",
-    ),
-    xmp_top: int | None = typer.Option(
-        None, "--xmp-top", help="With --xmp label/pick: how many photos are the top (default: 20%)."
-    ),
-    xmp_label: str | None = typer.Option(
-        None, "--xmp-label", help="With --xmp label: Red, Yellow, Green (default), Blue or Purple."
-    ),
-    xmp_sidecar: str = typer.Option(
-        "file",
-        "--xmp-sidecar",
-        help="file: IMG_1.CR2.xmp (darktable, digiKam); stem: IMG_1.xmp (Lightroom, Capture One).",
-    ),
-    raw_pairs: str = typer.Option(
-        "pair",
-        "--raw-pairs",
-        help="pair: a RAW with a same-stem JPEG in its folder is ranked once, through the JPEG, "
-        "and renamed/linked/copied with it; separate: rank both as photos of their own.",
-    ),
-    paths_from: Path | None = typer.Option(
-        None,
-        "--paths-from",
-        help="Rank the files named in FILE instead of a folder: a text file with one path or "
-        "URI per line, or a CSV or Parquet file with a 'path' column.",
-    ),
-    engine: str = typer.Option(
-        "local",
-        "--engine",
-        help="local (this process) or ray (Ray Data: on this machine, or a cluster with "
-        "--ray-address). See docs/distributed.md.",
-    ),
-    ray_address: str | None = typer.Option(
-        None,
-        "--ray-address",
-        help="With --engine ray: join a running cluster (auto, or HOST:PORT) instead of "
-        "starting Ray on this machine.",
-    ),
-    ray_actors: int | None = typer.Option(
-        None,
-        "--ray-actors",
-        help="With --engine ray: encode actors, each loading the model once "
-        "(default: one per GPU, else enough to use 2/3 of the CPUs).",
-    ),
-    ray_cpus_per_actor: float | None = typer.Option(
-        None,
-        "--ray-cpus-per-actor",
-        help="With --engine ray: CPUs each encode actor reserves and uses as torch threads "
-        "(default: 1 with GPUs, else up to 4).",
-    ),
+]
+
+
+@handle_errors
+def sort(
+    ctx: typer.Context,
+    by: ByOption,
+    source: SourceArgument = None,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            "--against",
+            metavar="TEXT",
+            help="Zero-shot only: the negative phrasing; --by and --against are then used "
+            'verbatim (e.g. --by "a sharp photo" --against "a blurry photo").',
+            rich_help_panel=PANEL_RANKING,
+        ),
+    ] = None,
+    top: Annotated[
+        int | None,
+        typer.Option(
+            "--top", metavar="K", min=1, help="Keep only the first K images.",
+            rich_help_panel=PANEL_RANKING,
+        ),
+    ] = None,
+    ascending: Annotated[
+        bool,
+        typer.Option("--ascending", help="Lowest score first.", rich_help_panel=PANEL_RANKING),
+    ] = False,
+    model: ModelOption = DEFAULT_MODEL,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    adapter: AdapterOption = None,
+    device: DeviceOption = "auto",
+    runtime: Annotated[
+        Runtime | None,
+        typer.Option(
+            "--runtime",
+            help="What runs the model; onnx needs no torch and is implied by --onnx "
+            "(see docs/onnx.md).",
+            rich_help_panel=PANEL_MODEL,
+        ),
+    ] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(
+            "--onnx",
+            metavar="DIR",
+            help="A folder written by `imgrank export`, run with onnxruntime.",
+            rich_help_panel=PANEL_MODEL,
+        ),
+    ] = None,
+    providers: Annotated[
+        str | None,
+        typer.Option(
+            "--providers",
+            metavar="LIST",
+            help="onnxruntime providers in order, e.g. cuda,cpu (default: CUDA if any, else CPU).",
+            rich_help_panel=PANEL_MODEL,
+        ),
+    ] = None,
+    recursive: Annotated[
+        bool,
+        typer.Option(
+            "--recursive/--no-recursive", help="Scan sub-folders too.", rich_help_panel=PANEL_INPUT
+        ),
+    ] = True,
+    include_hidden: Annotated[
+        bool,
+        typer.Option(
+            "--include-hidden",
+            help="Also rank files and folders whose name starts with a dot.",
+            rich_help_panel=PANEL_INPUT,
+        ),
+    ] = False,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            "--max-pixels",
+            metavar="N",
+            help="Skip images larger than this (decompression bombs).",
+            rich_help_panel=PANEL_INPUT,
+        ),
+    ] = DEFAULT_MAX_PIXELS,
+    raw_pairs: Annotated[
+        RawPairs,
+        typer.Option(
+            "--raw-pairs",
+            help="pair: a RAW with a same-stem JPEG in its folder is ranked once, through the "
+            "JPEG, and renamed/linked/copied with it; separate: rank both as photos of their own.",
+            rich_help_panel=PANEL_INPUT,
+        ),
+    ] = RawPairs.pair,
+    fmt: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="csv (rank,score,path), jsonl, or paths only.",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = OutputFormat.csv,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Write the ranking to FILE instead of stdout.",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = None,
+    null: Annotated[
+        bool,
+        typer.Option(
+            "--null",
+            "-0",
+            help="With --format paths: separate paths with NUL (for xargs -0).",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = False,
+    errors: Annotated[
+        Path | None,
+        typer.Option(
+            "--errors",
+            metavar="FILE",
+            help="Write the skipped files as CSV (path,reason) to FILE.",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            metavar="FILE",
+            help="Also write an HTML contact sheet: thumbnails in rank order with scores, a "
+            "score histogram, the skipped files (see docs/report.md).",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = None,
+    preview: Annotated[
+        int | None,
+        typer.Option(
+            "--preview",
+            metavar="N",
+            min=1,
+            help="Show the first and last N images on stderr: inline pictures in kitty, "
+            "Ghostty, iTerm2 and WezTerm, a plain list elsewhere.",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = None,
+    link: Annotated[
+        Path | None,
+        typer.Option(
+            "--link",
+            metavar="DIR",
+            help="Also create rank-ordered symlinks (0001_name.jpg, ...) in DIR.",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = None,
+    copy: Annotated[
+        Path | None,
+        typer.Option(
+            "--copy",
+            metavar="DIR",
+            help="Also create rank-ordered copies (0001_name.jpg, ...) in DIR.",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Allow --output/--errors/--report to replace an existing file.",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = False,
+    quiet: QuietOption = False,
+    rename: Annotated[
+        bool,
+        typer.Option(
+            "--rename",
+            help="Show how the photos would be renamed into rank order (old -> new, on stdout "
+            "instead of the ranking); changes nothing without --apply.",
+            rich_help_panel=PANEL_RENAME,
+        ),
+    ] = False,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            "--apply",
+            help="With --rename: do rename the photos; with --xmp: do write the sidecars "
+            "(undo either: `imgrank undo --last`).",
+            rich_help_panel=PANEL_RENAME,
+        ),
+    ] = False,
+    name_template: Annotated[
+        str | None,
+        typer.Option(
+            "--name-template",
+            metavar="TEMPLATE",
+            help="With --rename: new names from {rank}, {score}, {stem}, {ext} "
+            '(default "{rank}_{stem}{ext}"); see docs/safety.md.',
+            rich_help_panel=PANEL_RENAME,
+        ),
+    ] = None,
+    xmp: Annotated[
+        XmpField | None,
+        typer.Option(
+            "--xmp",
+            help="Show what XMP sidecars would get (file: field old -> new, on stdout instead "
+            "of the ranking); with --apply, write them. rating: xmp:Rating 5..1 by quintile; "
+            "label: xmp:Label for the top photos; pick: top accepted, the rest rejected "
+            "(see docs/xmp.md).",
+            rich_help_panel=PANEL_XMP,
+        ),
+    ] = None,
+    xmp_scale: Annotated[
+        str | None,
+        typer.Option(
+            "--xmp-scale",
+            metavar="SCALE",
+            help="With --xmp rating: quintiles (default), percent:P5,P4,P3,P2,P1 (shares for "
+            "5..1 stars) or score:T5,T4,T3,T2 (lowest score for 5..2 stars).",
+            rich_help_panel=PANEL_XMP,
+        ),
+    ] = None,
+    xmp_top: Annotated[
+        int | None,
+        typer.Option(
+            "--xmp-top",
+            metavar="N",
+            help="With --xmp label/pick: how many photos are the top (default: 20%).",
+            rich_help_panel=PANEL_XMP,
+        ),
+    ] = None,
+    xmp_label: Annotated[
+        str | None,
+        typer.Option(
+            "--xmp-label",
+            metavar="COLOUR",
+            help="With --xmp label: Red, Yellow, Green (default), Blue or Purple.",
+            rich_help_panel=PANEL_XMP,
+        ),
+    ] = None,
+    xmp_sidecar: Annotated[
+        XmpSidecar,
+        typer.Option(
+            "--xmp-sidecar",
+            help="file: IMG_1.CR2.xmp (darktable, digiKam); stem: IMG_1.xmp (Lightroom, "
+            "Capture One).",
+            rich_help_panel=PANEL_XMP,
+        ),
+    ] = XmpSidecar.file,
+    paths_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--paths-from",
+            metavar="FILE",
+            help="Rank the files named in FILE instead of a folder: a text file with one path "
+            "or URI per line, or a CSV or Parquet file with a 'path' column.",
+            rich_help_panel=PANEL_INPUT,
+        ),
+    ] = None,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            "--engine",
+            help="local (this process) or ray (Ray Data: on this machine, or a cluster with "
+            "--ray-address); see docs/distributed.md.",
+            rich_help_panel=PANEL_ENGINE,
+        ),
+    ] = Engine.local,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            metavar="ADDRESS",
+            help="With --engine ray: join a running cluster (auto, or HOST:PORT) instead of "
+            "starting Ray on this machine.",
+            rich_help_panel=PANEL_ENGINE,
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        int | None,
+        typer.Option(
+            "--ray-actors",
+            metavar="N",
+            help="With --engine ray: encode actors, each loading the model once "
+            "(default: one per GPU, else enough to use 2/3 of the CPUs).",
+            rich_help_panel=PANEL_ENGINE,
+        ),
+    ] = None,
+    ray_cpus_per_actor: Annotated[
+        float | None,
+        typer.Option(
+            "--ray-cpus-per-actor",
+            metavar="N",
+            help="With --engine ray: CPUs each encode actor reserves and uses as torch threads "
+            "(default: 1 with GPUs, else up to 4).",
+            rich_help_panel=PANEL_ENGINE,
+        ),
+    ] = None,
+    cache: CacheOption = None,
+    no_cache: NoCacheOption = False,
+    batch_size: BatchSizeOption = DEFAULT_BATCH_SIZE,
+    workers: WorkersOption = None,
 ) -> None:
     """Rank the photos of SRC by how well they match --by, best first.
 
@@ -242,18 +409,24 @@ def sort(
     from imgrank.sorter import SortCallbacks, SortRequest, sort_folder, validate_request
 
     route_library_warnings(quiet=quiet)
-    if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    fmt = OutputFormat(fmt).value  # the writers take the plain name
     if null and fmt != "paths":
         raise UsageError("--null only applies to --format paths")
     from imgrank.cli.runs_cmd import rename_after_sort, validate_rename_options
     from imgrank.cli.xmp_step import check_xmp_options, xmp_after_sort
 
-    xmp_options = check_xmp_options(xmp, xmp_scale, xmp_top, xmp_label, xmp_sidecar)
+    xmp_options = check_xmp_options(
+        None if xmp is None else XmpField(xmp).value,
+        xmp_scale,
+        xmp_top,
+        xmp_label,
+        XmpSidecar(xmp_sidecar).value,
+    )
     validate_rename_options(rename, apply, name_template, xmp=xmp_options is not None)
     _say_what_an_interrupted_run_hides()
+    engine_name = Engine(engine).value
     folder = _source_argument(source, paths_from)
-    if engine == "ray":
+    if engine_name == "ray":
         local_only = [name for name, given in (("--rename", rename), ("--link", link is not None),
                       ("--copy", copy is not None), ("--xmp", xmp is not None)) if given]  # fmt: skip
         if local_only:
@@ -286,17 +459,17 @@ def sort(
         ascending=ascending,
         top=top,
         max_pixels=max_pixels,
-        cache=cache,
-        use_cache=not no_cache,
+        cache=cache_file if isinstance(cache_file := cache_choice(cache, no_cache), Path) else None,
+        use_cache=cache_file is not False,
         adapter=adapter,
         model_given=option_given(ctx, "model"),
         pretrained_given=option_given(ctx, "pretrained"),
-        runtime=runtime,
+        runtime=None if runtime is None else Runtime(runtime).value,
         onnx=onnx,
         providers=providers,
-        raw_pairs=raw_pairs,
+        raw_pairs=RawPairs(raw_pairs).value,
         paths_from=paths_from,
-        engine=engine,
+        engine=engine_name,
         ray_actors=ray_actors,
         ray_cpus_per_actor=ray_cpus_per_actor,
     )
@@ -310,6 +483,11 @@ def sort(
         from imgrank.report.html import check_report_destination
 
         check_report_destination(report, overwrite=force)
+    from imgrank.models.selection import ModelSelection
+
+    # The process's thread count is the command line's to set (torch runs only).
+    if ModelSelection(runtime=request.runtime, onnx=request.onnx).resolve().runtime == "torch":
+        prepare_torch()
     interactive = err_console.is_terminal and not quiet
     skipped: list[SkippedFile] = []
 
@@ -339,7 +517,7 @@ def sort(
             warn=lambda message: warn(message, quiet=quiet), skip=skip, found=found, advance=advance
         )
         try:
-            if engine == "ray":  # after every check: starting Ray takes seconds
+            if engine_name == "ray":  # after every check: starting Ray takes seconds
                 from imgrank.engines.ray import connect
 
                 connect(ray_address, quiet=True)
@@ -407,6 +585,37 @@ def sort(
         )
     out.finish("the rename plan" if rename else "the ranking")
 
+
+
+def _progress(*, enabled: bool) -> Progress | None:
+    """A Rich progress bar with images/s and ETA on stderr, or None when not wanted."""
+    if not enabled:
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class ImagesPerSecond(ProgressColumn):
+        def render(self, task):  # type: ignore[no-untyped-def]
+            speed = task.speed
+            return Text("" if speed is None else f"{speed:.1f} img/s")
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        ImagesPerSecond(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
 
 
 def _source_argument(source: str | None, paths_from: Path | None) -> Path | str:

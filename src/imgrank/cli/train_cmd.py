@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -17,8 +17,28 @@ from imgrank.cli.common import (
     err_console,
     handle_errors,
     option_given,
+    prepare_torch,
     route_library_warnings,
     warn,
+)
+from imgrank.cli.options import (
+    PANEL_INPUT,
+    PANEL_OUTPUT,
+    PANEL_TRAINING,
+    AdapterOption,
+    BatchSizeOption,
+    CacheOption,
+    DeviceOption,
+    JsonOption,
+    LabelsArgument,
+    ModelOption,
+    NoCacheOption,
+    OutFolderOption,
+    PretrainedOption,
+    PromptOption,
+    QuietOption,
+    WorkersOption,
+    cache_choice,
 )
 
 # These modules import torch only inside functions, so importing them here is cheap.
@@ -36,10 +56,6 @@ SHOWN_SKIPS = 20
 
 _DEFAULTS = TrainSettings()
 
-
-
-def _cache_choice(cache: Path | None, no_cache: bool) -> Path | bool:
-    return False if no_cache else (cache if cache is not None else True)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -147,90 +163,110 @@ def _report_skips(labels: LabelSet, *, quiet: bool) -> None:
         err_console.print(
             f"[yellow]skipped:[/] ... and {len(labels.bad) - SHOWN_SKIPS} more row(s)"
         )
-    if labels.unrated and not quiet:
-        err_console.print(f"{labels.unrated} unrated photo(s) left out")
     if labels.imgrank_rated and not quiet:
         err_console.print(
             f"{labels.imgrank_rated} photo(s) rated by imgrank itself left out "
             "(--include-imgrank-ratings to train on them)"
         )
+    if labels.unrated and not quiet:
+        err_console.print(f"{labels.unrated} unrated photo(s) left out")
+
+
+class Loss(str, Enum):
+    """The pairwise rank loss: bce (the released recipe) or hinge (as the slides write it)."""
+
+    bce = "bce"
+    hinge = "hinge"
+
+
+class Variant(str, Enum):
+    """The paper's ablation rows."""
+
+    full = "full"
+    ranking_head = "ranking-head"
+    ltr = "ltr"
+
+
+_DEFAULT_LOSS = Loss(_DEFAULTS.loss)
+_DEFAULT_VARIANT = Variant(_DEFAULTS.variant)
+
+
+def _training(name: str, **kwargs: Any) -> Any:
+    return typer.Option(name, rich_help_panel=PANEL_TRAINING, **kwargs)
 
 
 @handle_errors
 def train(
-    data: Path = typer.Argument(
-        ...,
-        help="A label table (TSV/CSV: filepath, title, cname, value) or a folder of rated photos.",
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Model folder to create (must not exist)."),
-    prompt: str | None = typer.Option(
-        None,
-        "--prompt",
-        "-p",
-        help="What the labels mean, e.g. 'photos I like': required for a rated folder, "
-        "the prompt of rows without one in a table.",
-    ),
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="open_clip model name, or path to a model config JSON."
-    ),
-    pretrained: str = typer.Option(
-        DEFAULT_PRETRAINED,
-        "--pretrained",
-        help="open_clip pretrained tag, a local weights file, or 'none' (random weights: tests).",
-    ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    epochs: int = typer.Option(
-        _DEFAULTS.epochs,
-        "--epochs",
-        help="At most this many epochs (training stops earlier "
-        "when validation SRCC stops improving).",
-    ),
-    batch_size: int = typer.Option(
-        _DEFAULTS.batch_size, "--batch-size", help="Images per training batch (all from one group)."
-    ),
-    lr: float = typer.Option(
-        _DEFAULTS.lr, "--lr", help="Peak learning rate (AdamW, warm-up + cosine)."
-    ),
-    val_split: float = typer.Option(
-        _DEFAULTS.val_split,
-        "--val-split",
-        help="Share of images held out to pick the best epoch (0: none).",
-    ),
-    patience: int = typer.Option(
-        _DEFAULTS.patience,
-        "--patience",
-        help="Stop after this many epochs without a better validation SRCC.",
-    ),
-    seed: int = typer.Option(
-        _DEFAULTS.seed, "--seed", help="Seed: the same seed repeats a CPU run exactly."
-    ),
-    loss: str = typer.Option(
-        _DEFAULTS.loss,
-        "--loss",
-        help="Rank loss: bce (the released recipe) or hinge (as in the slides).",
-    ),
-    variant: str = typer.Option(
-        _DEFAULTS.variant,
-        "--variant",
-        help="full (the paper's model), ranking-head (no ranking-aware attention) or ltr "
-        "(rank loss on score differences only).",
-    ),
-    cache: Path | None = typer.Option(
-        None, "--cache", help="Embedding cache file (default: the user cache folder)."
-    ),
-    no_cache: bool = typer.Option(
-        False, "--no-cache", help="Neither read nor write the embedding cache."
-    ),
-    workers: int | None = typer.Option(
-        None, "--workers", min=1, help="Decode threads (default: one per core)."
-    ),
-    include_imgrank_ratings: bool = typer.Option(
-        False,
-        "--include-imgrank-ratings",
-        help="Rated folder: also train on star ratings imgrank itself wrote (sort --xmp) "
-        "and nobody changed since; left out by default so imgrank does not learn its own guesses.",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+    data: LabelsArgument,
+    out: OutFolderOption,
+    prompt: PromptOption = None,
+    model: ModelOption = DEFAULT_MODEL,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    device: DeviceOption = "auto",
+    epochs: Annotated[
+        int,
+        _training(
+            "--epochs",
+            metavar="N",
+            help="At most this many epochs (training stops earlier when validation SRCC "
+            "stops improving).",
+        ),
+    ] = _DEFAULTS.epochs,
+    batch_size: Annotated[
+        int,
+        _training(
+            "--batch-size", metavar="N", help="Images per training batch (all from one group)."
+        ),
+    ] = _DEFAULTS.batch_size,
+    lr: Annotated[
+        float,
+        _training("--lr", metavar="RATE", help="Peak learning rate (AdamW, warm-up + cosine)."),
+    ] = _DEFAULTS.lr,
+    val_split: Annotated[
+        float,
+        _training(
+            "--val-split",
+            metavar="SHARE",
+            help="Share of images held out to pick the best epoch (0: none).",
+        ),
+    ] = _DEFAULTS.val_split,
+    patience: Annotated[
+        int,
+        _training(
+            "--patience",
+            metavar="N",
+            help="Stop after this many epochs without a better validation SRCC.",
+        ),
+    ] = _DEFAULTS.patience,
+    seed: Annotated[
+        int, _training("--seed", metavar="N", help="Seed: the same seed repeats a CPU run exactly.")
+    ] = _DEFAULTS.seed,
+    loss: Annotated[
+        Loss,
+        _training("--loss", help="Rank loss: bce (the released recipe) or hinge (the slides)."),
+    ] = _DEFAULT_LOSS,
+    variant: Annotated[
+        Variant,
+        _training(
+            "--variant",
+            help="full (the paper's model), ranking-head (no ranking-aware attention) or ltr "
+            "(rank loss on score differences only).",
+        ),
+    ] = _DEFAULT_VARIANT,
+    include_imgrank_ratings: Annotated[
+        bool,
+        typer.Option(
+            "--include-imgrank-ratings",
+            help="Rated folder: also train on star ratings imgrank itself wrote (sort --xmp) "
+            "and nobody changed since; left out by default so imgrank does not learn its own "
+            "guesses.",
+            rich_help_panel=PANEL_INPUT,
+        ),
+    ] = False,
+    cache: CacheOption = None,
+    no_cache: NoCacheOption = False,
+    workers: WorkersOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Train a ranking adapter on your labels and save it as a model folder.
 
@@ -245,11 +281,13 @@ def train(
 
         imgrank train ~/Pictures/rated --prompt "photos I like" --out my-taste
     """
+    from imgrank.models.device import available_cores
     from imgrank.training.datasets import load_labels
-    from imgrank.training.fit import train_adapter
+    from imgrank.training.fit import adapter_threads, train_adapter
 
     route_library_warnings(quiet=quiet)
     check_before_writing()  # refuse while an interrupted rename run is unsettled
+    cache_file = cache_choice(cache, no_cache)  # both given is a usage error, before any work
 
     settings = TrainSettings(
         epochs=epochs,
@@ -258,12 +296,13 @@ def train(
         val_split=val_split,
         patience=patience,
         seed=seed,
-        loss=loss,  # type: ignore[arg-type]
-        variant=variant,  # type: ignore[arg-type]
+        loss=Loss(loss).value,  # type: ignore[arg-type]
+        variant=Variant(variant).value,  # type: ignore[arg-type]
     )
     settings.check()  # before reading thousands of files
     labels = load_labels(data, prompt=prompt, include_imgrank_ratings=include_imgrank_ratings)
     _report_skips(labels, quiet=quiet)
+    prepare_torch()
     with _Display(quiet=quiet) as display:
         result = train_adapter(
             labels,
@@ -271,9 +310,10 @@ def train(
             BackboneSpec(model=model, pretrained=pretrained),
             settings,
             device=device,
-            cache=_cache_choice(cache, no_cache),
+            cache=cache_file,
             workers=workers,
             reporter=display,
+            fit_threads=lambda width: adapter_threads(width, available_cores()),
         )
     # Images that failed to decode are only known after encoding.
     late = [bad for bad in result.labels.bad if bad not in labels.bad]
@@ -340,47 +380,26 @@ def _print_table(report: EvalReport, title: str) -> None:
 @handle_errors
 def evaluate(
     ctx: typer.Context,
-    data: Path = typer.Argument(
-        ...,
-        help="A label table (TSV/CSV: filepath, title, cname, value) or a folder of rated photos.",
-    ),
-    adapter: Path | None = typer.Option(
-        None, "--adapter", help="Model folder to evaluate (default: the zero-shot CLIP scorer)."
-    ),
-    prompt: str | None = typer.Option(
-        None, "--prompt", "-p", help="What the labels mean (required for a rated folder)."
-    ),
-    round_predictions: bool = typer.Option(
-        False,
-        "--round",
-        help="Round predictions to whole numbers first (ordinal targets: age group, decade).",
-    ),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the metrics as JSON instead of a table."
-    ),
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        "-m",
-        help="open_clip model name or config JSON (zero-shot; with --adapter, checked against it).",
-    ),
-    pretrained: str = typer.Option(
-        DEFAULT_PRETRAINED,
-        "--pretrained",
-        help="open_clip pretrained tag, weights file, or 'none'.",
-    ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
-    cache: Path | None = typer.Option(
-        None, "--cache", help="Embedding cache file (default: the user cache folder)."
-    ),
-    no_cache: bool = typer.Option(
-        False, "--no-cache", help="Neither read nor write the embedding cache."
-    ),
-    workers: int | None = typer.Option(
-        None, "--workers", min=1, help="Decode threads (default: one per core)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr but errors."),
+    data: LabelsArgument,
+    adapter: AdapterOption = None,
+    prompt: PromptOption = None,
+    round_predictions: Annotated[
+        bool,
+        typer.Option(
+            "--round",
+            help="Round predictions to whole numbers first (ordinal targets: age group, decade).",
+            rich_help_panel=PANEL_OUTPUT,
+        ),
+    ] = False,
+    as_json: JsonOption = False,
+    model: ModelOption = DEFAULT_MODEL,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    device: DeviceOption = "auto",
+    batch_size: BatchSizeOption = 32,
+    cache: CacheOption = None,
+    no_cache: NoCacheOption = False,
+    workers: WorkersOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Measure how well a scorer orders labelled images: PLCC, SRCC, KRCC, MAE, pairwise accuracy.
 
@@ -411,14 +430,16 @@ def evaluate(
     selection.resolve()  # option mistakes before reading thousands of files
 
     route_library_warnings(quiet=quiet)
+    cache_file = cache_choice(cache, no_cache)  # both given is a usage error, before any work
     labels = load_labels(data, prompt=prompt)
     _report_skips(labels, quiet=quiet)
+    prepare_torch()
     with _Display(quiet=quiet) as display:
         result = evaluate_labels(
             labels,
             selection,
             round_predictions=round_predictions,
-            cache=_cache_choice(cache, no_cache),
+            cache=cache_file,
             batch_size=batch_size,
             workers=workers,
             reporter=display,

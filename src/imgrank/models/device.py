@@ -39,27 +39,6 @@ def resolve_device(device: str = "auto") -> str:
     raise UsageError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
 
 
-_fast_exit_registered = False
-
-
-def register_fast_exit() -> None:
-    """Spare the garbage collector's last pass over torch's objects when the process ends.
-
-    With torch, torchvision and open_clip imported, ending the interpreter took
-    about 0.9 s on the 2-core benchmark machine, a quarter of a cached re-sort;
-    :func:`gc.freeze` at exit (after every ``atexit`` handler registered later,
-    which run first) cuts it to under 0.2 s. Objects are still released by
-    reference counting; only cyclic garbage is left to the operating system.
-    """
-    global _fast_exit_registered
-    if not _fast_exit_registered:
-        import atexit
-        import gc
-
-        atexit.register(gc.freeze)
-        _fast_exit_registered = True
-
-
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
     try:
@@ -70,6 +49,9 @@ def available_cores() -> int:
 
 def cpu_threads_for_model() -> int:
     """Intra-op threads for the model on the CPU: one per available core.
+
+    The command line sets this (:func:`imgrank.cli.common.prepare_torch`); the
+    library leaves the thread count of the process to its caller.
 
     The decode pool runs beside the model at a lower priority (see
     :mod:`imgrank.features.pipeline`), so it fills the model's idle moments instead of

@@ -39,6 +39,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -290,6 +291,7 @@ def train_adapter(
     encode_batch_size: int = 32,
     workers: int | None = None,
     reporter: TrainingReporter | None = None,
+    fit_threads: Callable[[int], int] | None = None,
 ) -> TrainResult:
     """Train a ranking-aware adapter on labels and write a model folder to ``out``.
 
@@ -303,6 +305,10 @@ def train_adapter(
         encode_batch_size: Images per forward pass of the backbone.
         workers: Decode threads.
         reporter: Progress hooks.
+        fit_threads: Called with the adapter's width, returns the CPU threads to
+            fit it with (e.g. ``lambda width: adapter_threads(width, cores)``);
+            torch's thread count is set for the fit and restored after. None
+            (the default) leaves the process's thread count alone.
 
     Returns:
         What was trained and saved. ``stopped == "interrupted"`` when Ctrl-C ended
@@ -415,10 +421,11 @@ def train_adapter(
     stopped = "epochs"
     cuda_devices = [torch.device(run_device).index or 0] if run_device.startswith("cuda") else []
     threads_before = torch.get_num_threads()
-    if run_device == "cpu":
-        torch.set_num_threads(adapter_threads(adapter_config.d_model, threads_before))
     with contextlib.ExitStack() as restore:
-        restore.callback(torch.set_num_threads, threads_before)
+        if run_device == "cpu" and fit_threads is not None:
+            # Only when the caller asks: the thread count belongs to the whole process.
+            torch.set_num_threads(fit_threads(adapter_config.d_model))
+            restore.callback(torch.set_num_threads, threads_before)
         restore.enter_context(torch.random.fork_rng(devices=cuda_devices))
         torch.manual_seed(settings.seed)
         model = RankingAdapter(adapter_config).to(run_device).train()

@@ -29,7 +29,7 @@ from imgrank.models.clip.weights import (
     load_clip_weights,
     weights_identity,
 )
-from imgrank.models.device import cpu_threads_for_model, register_fast_exit, resolve_device
+from imgrank.models.device import resolve_device
 
 #: Seed of random weights (``--pretrained none``); each tower draws from its own stream.
 RANDOM_SEED = 0
@@ -94,12 +94,8 @@ def load_backbone(
     """
     import torch
 
-    register_fast_exit()
     device = resolve_device(device)
     half = device.startswith("cuda") if precision in (None, "auto") else precision == "fp16"
-    if device == "cpu":
-        # Set before any tensor work so the thread pool starts at that size.
-        torch.set_num_threads(cpu_threads_for_model())
     name, config = resolve_model_config(spec)
     preprocess = spec.preprocess or default_preprocess(config)
     weights: WeightsFile | None = None

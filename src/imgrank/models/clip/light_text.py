@@ -107,9 +107,7 @@ class LightTextEncoder:
 
     def _build(self) -> None:
         from imgrank.models.clip.weights import WeightsFile
-        from imgrank.models.device import register_fast_exit
 
-        register_fast_exit()
         state = WeightsFile(self.weights).load(exclude="visual.")
         self._tower = _PlainTextTower(self.config, state)
         self._logit_scale = min(float(state["logit_scale"].float().exp().item()), 100.0)
