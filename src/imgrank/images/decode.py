@@ -331,6 +331,9 @@ DRAFT_COVERAGE = 2
 #: orientation, colour handling): cached features of older versions are then
 #: not reused. Part of every cache fingerprint.
 DECODE_VERSION = f"draft-{DRAFT_COVERAGE}x-v1"
+def pixels_for_model(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """An already-decoded picture as the model's (3, S, S) input (any mode, made RGB)."""
+    return to_normalized_array(resize_for_model(_to_rgb(image), config), config)
 
 
 def load_pixels(
