@@ -47,9 +47,13 @@ from bench_sort import (  # noqa: E402 - the same inputs, weights and process ru
 PROMPT = "image quality"
 
 
-def worker_rss_mb() -> float:
-    """Sum of RSS of this machine's Ray worker processes (command lines start with ``ray::``)."""
-    total_kb = 0
+def worker_rss() -> tuple[float, float, int]:
+    """Ray worker processes (command lines start with ``ray::``): summed RSS, largest RSS (MB), count.
+
+    The sum counts object-store pages once per process that maps them, and Ray keeps
+    idle workers around, so the largest single worker is the figure to compare.
+    """
+    sizes: list[int] = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -60,24 +64,29 @@ def worker_rss_mb() -> float:
             with open(f"/proc/{entry.name}/status", encoding="ascii") as stream:
                 for line in stream:
                     if line.startswith("VmRSS:"):
-                        total_kb += int(line.split()[1])
+                        sizes.append(int(line.split()[1]))
                         break
         except (OSError, ValueError):
             continue
-    return total_kb / 1024
+    return sum(sizes) / 1024, max(sizes, default=0) / 1024, len(sizes)
 
 
 class PeakSampler:
-    """Samples worker RSS every 0.25 s while a run is going on."""
+    """Samples the Ray workers every 0.25 s while a run is going on."""
 
     def __init__(self) -> None:
         self.peak = 0.0
+        self.largest = 0.0
+        self.processes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, worker_rss_mb())
+            total, largest, count = worker_rss()
+            self.peak = max(self.peak, total)
+            self.largest = max(self.largest, largest)
+            self.processes = max(self.processes, count)
             self._stop.wait(0.25)
 
     def __enter__(self) -> PeakSampler:
@@ -161,6 +170,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=HERE / "out")
     parser.add_argument("--warm-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the ray engine at --small and all photos"
+    )
     args = parser.parse_args()
     if args.warm_child:
         warm_child(*args.warm_child)
@@ -175,6 +187,17 @@ def main() -> None:
     small = subset(photos[: args.small], work / f"photos-{args.small}")
     out = work / "ranking-ray.csv"
     load_before = os.getloadavg()
+    if args.memory_only:
+        for folder_ in (small, folder):
+            with PeakSampler() as sampler:
+                result = run(sort_command(folder_, weights, out, ["--engine", "ray"]), env)
+            count = len(list(folder_.glob("*.jpg")))
+            print(
+                f"ray engine, {count} photos: {result.seconds:.0f} s, driver peak RSS "
+                f"{result.peak_rss_mb:.0f} MB, largest worker {sampler.largest:.0f} MB, "
+                f"{sampler.processes} worker processes, workers summed {sampler.peak:.0f} MB"
+            )
+        return
     commands = {
         "local": sort_command(folder, weights, out, []),
         "ray": sort_command(folder, weights, out, ["--engine", "ray"]),
@@ -182,6 +205,8 @@ def main() -> None:
     results: dict[str, list[Run]] = {kind: [] for kind in [*commands, "ray, Ray running"]}
     peaks: dict[str, list[float]] = {kind: [] for kind in results}
     inner: list[float] = []
+    largest: dict[str, float] = {}
+    processes: dict[str, int] = {}
     kinds = list(results)
     for round_index in range(args.rounds):
         order = kinds if round_index % 2 == 0 else list(reversed(kinds))
@@ -194,6 +219,8 @@ def main() -> None:
                     inner.append(sort_seconds)
             results[kind].append(result)
             peaks[kind].append(sampler.peak)
+            largest[kind] = max(largest.get(kind, 0.0), sampler.largest)
+            processes[kind] = max(processes.get(kind, 0), sampler.processes)
             print(f"  round {round_index + 1} {kind:17s} {result.seconds:6.1f} s", file=sys.stderr)
     with PeakSampler() as small_sampler:
         small_run = run(sort_command(small, weights, out, ["--engine", "ray"]), env)
@@ -229,9 +256,9 @@ def main() -> None:
     ray_runs = results["ray"]
     print(
         f"memory, ray engine: {args.small} photos: driver {small_run.peak_rss_mb:.0f} MB, "
-        f"workers {small_sampler.peak:.0f} MB; {n} photos: driver "
-        f"{statistics.median(r.peak_rss_mb for r in ray_runs):.0f} MB, workers "
-        f"{max(peaks['ray']):.0f} MB"
+        f"largest worker {small_sampler.largest:.0f} MB, {small_sampler.processes} workers; "
+        f"{n} photos: driver {statistics.median(r.peak_rss_mb for r in ray_runs):.0f} MB, "
+        f"largest worker {largest['ray']:.0f} MB, {processes['ray']} workers"
     )
     print(
         f"per photo, one thread: decode {costs['decode_ms']:.0f} ms CPU, "
