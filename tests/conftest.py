@@ -6,7 +6,10 @@ never touch the real user folders (and tests never see each other's files).
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,29 @@ def ray_session():  # type: ignore[no-untyped-def]
     quiet_data_context()
     yield ray
     ray.shutdown()
+
+
+def run_with_stderr_on_a_tty(args: list[str]) -> tuple[bytes, str]:
+    """Run the ``imgrank`` console script with stderr on a pseudo-terminal (where progress and
+    the summary appear); returns stdout's bytes and what the terminal showed."""
+    import pty
+
+    imgrank = shutil.which("imgrank") or str(Path(sys.executable).parent / "imgrank")
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [imgrank, *args], stdout=subprocess.PIPE, stderr=follower, timeout=300, check=True
+        )
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: everything has been read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(leader)
+    return done.stdout, b"".join(chunks).decode(errors="replace")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PHOTOS, tiny_args
+from conftest import PHOTOS, run_with_stderr_on_a_tty, tiny_args
 from typer.testing import CliRunner
 
 from imgrank.cli import app
@@ -84,7 +84,7 @@ def test_link_and_copy_write_rank_ordered_names(photo_dir: Path, tmp_path: Path)
     result = sort(str(photo_dir), "--by", "image quality", "--link", str(links), "--copy", str(copies))
     assert result.exit_code == 0, result.stderr
     order = [Path(r["path"]).name for r in rows(result.stdout)]
-    assert sorted(os.listdir(links)) == [f"{i:04d}_{name}" for i, name in enumerate(order, 1)]
+    assert sorted(os.listdir(links)) == [".imgrank-output"] + [f"{i:04d}_{name}" for i, name in enumerate(order, 1)]
     for i, name in enumerate(order, 1):
         link = links / f"{i:04d}_{name}"
         assert link.is_symlink() and link.resolve() == (photo_dir / name).resolve()
@@ -98,20 +98,18 @@ def test_link_refuses_to_overwrite_existing_files(photo_dir: Path, tmp_path: Pat
     squatter = links / f"0001_{order[0]}"
     squatter.write_text("mine")
     result = sort(str(photo_dir), "--by", "image quality", "--link", str(links))
-    assert result.exit_code != 0 and "never overwrites" in result.stderr
+    assert result.exit_code == 6 and "imgrank did not write" in " ".join(result.stderr.split())
     assert squatter.read_text() == "mine" and os.listdir(links) == [squatter.name]
 
 
 def test_output_folder_inside_scanned_folder_is_excluded(photo_dir: Path) -> None:
     ranked = photo_dir / "ranked"
-    ranked.mkdir()
-    shutil.copy(photo_dir / "coffee.jpg", ranked / "old.jpg")
     result = sort(str(photo_dir), "--by", "image quality", "--copy", str(ranked))
     assert result.exit_code == 0, result.stderr
     assert sorted(Path(r["path"]).name for r in rows(result.stdout)) == sorted(
         p.name for p in PHOTOS.glob("*.jpg")
     )
-    assert len(os.listdir(ranked)) == 5  # old.jpg untouched, four copies added
+    assert len(os.listdir(ranked)) == 5  # four copies and imgrank's output marker
 
 
 # --- bad input and exit codes ----------------------------------------------------------------------
@@ -257,29 +255,10 @@ def test_missing_torch_is_one_message_not_a_traceback(photo_dir: Path, tmp_path:
 
 def test_summary_on_a_terminal_says_what_came_from_the_cache(photo_dir: Path) -> None:
     """With stderr on a terminal: progress and a summary; the re-sort is served from the cache."""
-    import pty
-
     def sort_on_a_tty(prompt: str) -> str:
-        leader, follower = pty.openpty()
-        try:
-            done = subprocess.run(
-                [IMGRANK, "sort", str(photo_dir), "--by", prompt, *tiny_args()],
-                stdout=subprocess.PIPE, stderr=follower, timeout=300, check=True,
-            )  # fmt: skip
-            os.close(follower)
-            chunks = []
-            while True:
-                try:
-                    chunk = os.read(leader, 65536)
-                except OSError:  # the terminal closed: everything has been read
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        finally:
-            os.close(leader)
-        assert len(rows(done.stdout.decode())) == 4  # the data still goes to stdout only
-        return b"".join(chunks).decode(errors="replace")
+        stdout, terminal = run_with_stderr_on_a_tty(["sort", str(photo_dir), "--by", prompt, *tiny_args()])
+        assert len(rows(stdout.decode())) == 4  # the data still goes to stdout only
+        return terminal
 
     first = sort_on_a_tty("image quality")
     assert "scored 4 image(s) (0 from the embedding cache)" in " ".join(first.split())

@@ -55,6 +55,8 @@ class Ranking:
     scored: int = 0
     #: How many of them were scored from the embedding cache (nothing decoded).
     from_cache: int = 0
+    #: Sub-folders not scanned because imgrank wrote them (``--link`` / ``--copy`` outputs).
+    skipped_outputs: list[Path] = field(default_factory=list)
 
 
 def rank_scores(

@@ -127,7 +127,8 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
 
     if request.paths_from is None and is_dataset(request.folder):
         return _rank_dataset(request, callbacks, started)
-    paths = list_inputs(request, on_skip)
+    skipped_outputs: list[Path] = []
+    paths = list_inputs(request, on_skip, on_output_folder=skipped_outputs.append)
     raw_of: dict[Path, Path] = {}
     if not any(is_uri(path) for path in paths):  # RAW+JPEG pairs: local files only
         pairs = pair_raw_files(paths, mode=request.raw_pairs)  # type: ignore[arg-type]
@@ -136,12 +137,15 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         paths = list(pairs.photos)
         raw_of = pairs.raw_of
     if not paths:
-        raise NoImagesRankedError(_nothing_found_message(request, skipped))
+        raise NoImagesRankedError(_nothing_found_message(request, skipped, skipped_outputs))
     if request.engine == "ray":
         from imgrank.engines.ray import rank_on_ray
 
         scored, scorer_name = rank_on_ray(request, paths, on_skip=on_skip, callbacks=callbacks)
-        return _ranking(request, scored, skipped, scorer_name, started, from_cache=0, raw_of=raw_of)
+        return _ranking(
+            request, scored, skipped, scorer_name, started, from_cache=0, raw_of=raw_of,
+            skipped_outputs=skipped_outputs,
+        )  # fmt: skip
     if any(is_uri(path) for path in paths):
         # The SQLite cache keys files by stat(); objects in a store have no such identity here.
         request = replace(request, use_cache=False)
@@ -172,8 +176,9 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
         if cache is not None:
             cache.close()  # writes the features still buffered
     return _ranking(
-        request, scored, skipped, scorer.name, started, from_cache=stats.cache_hits, raw_of=raw_of
-    )
+        request, scored, skipped, scorer.name, started, from_cache=stats.cache_hits, raw_of=raw_of,
+        skipped_outputs=skipped_outputs,
+    )  # fmt: skip
 
 
 def validate_request(request: SortRequest) -> None:
@@ -209,7 +214,11 @@ def validate_request(request: SortRequest) -> None:
         raise UsageError("--ray-cpus-per-actor must be more than 0")
 
 
-def list_inputs(request: SortRequest, on_skip: Callable[[SkippedFile], None]) -> list[Source]:
+def list_inputs(
+    request: SortRequest,
+    on_skip: Callable[[SkippedFile], None],
+    on_output_folder: Callable[[Path], None] | None = None,
+) -> list[Source]:
     """The photos a request names: a folder's images, a URI's, or a ``--paths-from`` list.
 
     Raises:
@@ -230,6 +239,7 @@ def list_inputs(request: SortRequest, on_skip: Callable[[SkippedFile], None]) ->
         include_hidden=request.include_hidden,
         exclude=request.exclude,
         on_skip=lambda path, reason: on_skip(SkippedFile(path, reason)),  # type: ignore[arg-type]
+        on_output_folder=on_output_folder,
     )
 
 
@@ -242,6 +252,7 @@ def _ranking(
     *,
     from_cache: int,
     raw_of: dict[Path, Path] | None = None,
+    skipped_outputs: list[Path] | None = None,
 ) -> Ranking:
     """Order the scores (the same on every engine) into the run's :class:`Ranking`."""
     if not scored:
@@ -264,6 +275,7 @@ def _ranking(
         seconds=time.perf_counter() - started,
         scored=len(scored),
         from_cache=from_cache,
+        skipped_outputs=skipped_outputs or [],
     )
 
 
@@ -330,7 +342,9 @@ def _stored_rows(shards: list[Path]) -> int:
     return sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
 
 
-def _nothing_found_message(request: SortRequest, skipped: list[SkippedFile]) -> str:
+def _nothing_found_message(
+    request: SortRequest, skipped: list[SkippedFile], skipped_outputs: list[Path]
+) -> str:
     from imgrank.images.decode import supported_extensions
 
     if request.paths_from is not None:
@@ -347,6 +361,10 @@ def _nothing_found_message(request: SortRequest, skipped: list[SkippedFile]) -> 
     message += ")"
     if skipped:
         message += f"; {len(skipped)} file(s) could not be used (see above)"
+    if skipped_outputs:
+        message += (
+            f"; {len(skipped_outputs)} folder(s) written by imgrank --link/--copy not scanned"
+        )
     return message
 
 

@@ -249,7 +249,8 @@ def sort(
         bool,
         typer.Option(
             "--force",
-            help="Allow --output/--errors/--report to replace an existing file.",
+            help="Allow --output/--errors/--report to replace an existing file, and "
+            "--link/--copy to replace an earlier imgrank output folder of the same kind.",
             rich_help_panel=PANEL_OUTPUT,
         ),
     ] = False,
@@ -443,6 +444,15 @@ def sort(
         raise UsageError("--rename renames the photos of one local folder; give a folder as SRC")
     if any(target is not None for target in (link, copy, output, errors, report)):
         check_before_writing()  # no new files while an interrupted rename run is unsettled
+    # --link / --copy destinations are judged now, before any model work: two rankings
+    # must not mix in one folder, and the scanned folder cannot be its own output.
+    if link is not None and copy is not None and _same_path(link, copy):
+        raise UsageError("--link and --copy name the same folder; give each its own")
+    from imgrank.files.output_folder import check_output_folder
+
+    for destination, mode in ((link, "link"), (copy, "copy")):
+        if destination is not None:
+            check_output_folder(destination, mode, force=force, scanned=folder)  # type: ignore[arg-type]
     exclude = [p for p in (link, copy) if p is not None]
     request = SortRequest(
         folder=folder,
@@ -551,9 +561,9 @@ def sort(
         elif not rename and xmp_options is None:  # with --rename/--xmp, stdout shows the plan
             out.write(lambda stream: write_ranking(ranking.items, stream, fmt, null=null))
         if link is not None:
-            materialize(ranking.items, link, mode="link")
+            materialize(ranking.items, link, mode="link", force=force)
         if copy is not None:
-            materialize(ranking.items, copy, mode="copy")
+            materialize(ranking.items, copy, mode="copy", force=force)
 
     if report is not None:
         from imgrank.report.html import write_report
@@ -578,10 +588,12 @@ def sort(
 
         write_preview(ranking, preview, sys.stderr, max_pixels=max_pixels)
     if interactive:
+        outputs = len(ranking.skipped_outputs)
         err_console.print(
             f"scored {ranking.scored} image(s) ({ranking.from_cache} from the embedding cache), "
-            f"skipped {len(ranking.skipped)} file(s) "
-            f"in {ranking.seconds:.1f} s with {escape(ranking.scorer)}"
+            f"skipped {len(ranking.skipped)} file(s)"
+            + (f" and {outputs} imgrank output folder(s)" if outputs else "")
+            + f" in {ranking.seconds:.1f} s with {escape(ranking.scorer)}"
         )
     out.finish("the rename plan" if rename else "the ranking")
 
@@ -657,6 +669,10 @@ def _refuse_one_file_for_two_outputs(targets: dict[str, Path | None]) -> None:
                 f"{seen[key]} and {option} name the same file {target}; give each its own file"
             )
         seen[key] = option
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.absolute().resolve() == b.absolute().resolve()
 
 
 def _progress(*, enabled: bool) -> Progress | None:

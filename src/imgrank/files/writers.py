@@ -6,11 +6,12 @@ back the same way, so a non-UTF-8 name survives ``imgrank sort | xargs``.
 (In JSON lines such a name appears as ``\\udcXX`` escapes, which decode back to
 the same string, since JSON text must be Unicode.)
 
-No writer overwrites or deletes an existing file: output files go through
-:mod:`imgrank.files.atomic` (written whole, moved into place without
-replacing), copies are opened with ``O_EXCL`` and links created by
-``symlink`` (which refuses existing paths), and every target is checked
-before the first one is written.
+No writer overwrites or deletes a file imgrank did not write: output files go
+through :mod:`imgrank.files.atomic` (written whole, moved into place without
+replacing), copies are opened with ``O_EXCL`` and links created by ``symlink``
+(which refuses existing paths), and every destination is checked before the
+first one is written (``--force`` replaces only an earlier imgrank output
+folder's entries: :mod:`imgrank.files.output_folder`).
 """
 
 from __future__ import annotations
@@ -208,13 +209,18 @@ def _copy_new(source: Path, target: Path) -> None:
 
 
 def materialize(
-    items: list[RankedImage], out_dir: Path, *, mode: Literal["link", "copy"]
+    items: list[RankedImage],
+    out_dir: Path,
+    *,
+    mode: Literal["link", "copy"],
+    force: bool = False,
 ) -> list[Path]:
     """Write rank-ordered symlinks or copies of the originals into ``out_dir``.
 
-    Every target name is checked before anything is written, and each one is
-    then created in a way that fails if the name appeared meanwhile, so
-    nothing already in ``out_dir`` is ever replaced.
+    The folder must be new, empty, or an earlier imgrank output of the same
+    kind (replaced only with ``force``): see :mod:`imgrank.files.output_folder`.
+    Each target is created in a way that fails if the name appeared meanwhile,
+    so nothing imgrank did not write is ever replaced.
 
     A RAW+JPEG pair gets a link (or copy) for each of its two files, with the same rank.
 
@@ -222,28 +228,15 @@ def materialize(
         The created paths, in rank order.
 
     Raises:
-        UnsafeOperationError: a target name already exists in ``out_dir``.
+        UnsafeOperationError: the folder holds something else, or a target cannot be written.
     """
+    from imgrank.files.output_folder import check_output_folder, prepare_output_folder
+
     items = [row for item in items for row in item.expanded()]
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UnsafeOperationError(
-            f"--{mode} {out_dir} exists and is not a folder; name a new or empty folder"
-        ) from None
-    except OSError as exc:
-        raise OutputWriteError(
-            f"cannot create the --{mode} folder {out_dir}: {exc.strerror or exc}"
-        ) from None
-    targets = [out_dir / name for name in ranked_names(items)]
-    existing = [t for t in targets if os.path.lexists(t)]
-    if existing:
-        shown = ", ".join(str(t.name) for t in existing[:5])
-        more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""
-        raise UnsafeOperationError(
-            f"{out_dir} already holds {shown}{more}; imgrank never overwrites files. "
-            "Choose an empty folder or remove those files yourself."
-        )
+    destination = check_output_folder(out_dir, mode, force=force)
+    names = ranked_names(items)
+    prepare_output_folder(destination, names)
+    targets = [out_dir / name for name in names]
     created: list[Path] = []
     for item, target in zip(items, targets, strict=True):
         source = item.path.absolute()

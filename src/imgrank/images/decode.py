@@ -79,6 +79,8 @@ def find_images(
     include_hidden: bool = False,
     exclude: list[Path] | tuple[Path, ...] = (),
     on_skip: Callable[[Path, str], None] | None = None,
+    skip_outputs: bool = True,
+    on_output_folder: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """List the image files under ``root``, sorted, as paths under ``root``.
 
@@ -93,7 +95,13 @@ def find_images(
         include_hidden: also consider names starting with a dot.
         exclude: folders not to scan (e.g. a ``--link`` output inside ``root``).
         on_skip: called with ``(path, reason)`` for each file that cannot be used.
+        skip_outputs: do not enter sub-folders that ``--link`` / ``--copy`` wrote
+            (they hold :data:`imgrank.files.output_folder.MARKER`): their copies
+            are not more photos to rank.
+        on_output_folder: called with each output folder so skipped.
     """
+    from imgrank.files.output_folder import is_output_folder
+
     extensions = listed_extensions()
     skip = on_skip or (lambda _path, _reason: None)
     excluded = set()
@@ -110,7 +118,11 @@ def find_images(
     found: list[Path] = []
     visited: set[tuple[int, int]] = set()
 
-    def walk(folder: Path) -> None:
+    def walk(folder: Path, top: bool = False) -> None:
+        if skip_outputs and not top and is_output_folder(folder):
+            if on_output_folder is not None:
+                on_output_folder(folder)
+            return
         try:
             info = os.stat(folder)
         except OSError as exc:
@@ -155,7 +167,7 @@ def find_images(
         for sub in subfolders:
             walk(sub)
 
-    walk(root)
+    walk(root, top=True)
     return found
 
 

@@ -51,6 +51,7 @@ def list_sources(
     include_hidden: bool = False,
     exclude: list[Path] | tuple[Path, ...] = (),
     on_skip: Callable[[Source, str], None] | None = None,
+    on_output_folder: Callable[[Path], None] | None = None,
 ) -> list[Source]:
     """The image files of a folder, a single file, or a URI prefix, sorted.
 
@@ -71,6 +72,7 @@ def list_sources(
                 include_hidden=include_hidden,
                 exclude=exclude,
                 on_skip=on_skip,
+                on_output_folder=on_output_folder,
             )
         )
     uri = str(source)
