@@ -634,13 +634,16 @@ def test_a_prune_in_another_process_during_a_sort_loses_none_of_its_writes(
     """Issue 17 item 5: prune deleted the model row a running sort had not written to yet."""
     db = tmp_path / "cache.sqlite3"
     warnings: list[str] = []
+    with EmbeddingCache.open(db) as earlier:  # the model is in the cache, for a photo now gone
+        gone = FileKey("/photos/gone.jpg", 1, 1, 1)
+        earlier.put(earlier.model_id("sorting-model", "the sort's model"), gone, np.ones(8, np.float32))
     with EmbeddingCache.open(db, commit_every=1000, on_warning=warnings.append) as sort:
         model = sort.model_id("sorting-model", "the sort's model")
         keys = [FileKey(f"/photos/{i}.jpg", 100 + i, 10**18 + i, 500 + i) for i in range(3)]
         sort.put(model, keys[0], np.full(8, 0, np.float32))  # buffered, not written yet
 
         with open_existing(db) as upkeep:  # `imgrank cache prune` at this moment
-            assert upkeep.prune().models_removed == 1  # the sort's model had no entries yet
+            assert upkeep.prune().models_removed == 1  # the sort's model had no entries left
             # Another sort registers another model meanwhile: SQLite may reuse the freed id.
             other = upkeep.model_id("other-model", "another model")
             upkeep.put(other, FileKey("/photos/0.jpg", 100, 10**18, 500), np.ones(8, np.float32))
@@ -660,6 +663,51 @@ def test_a_prune_in_another_process_during_a_sort_loses_none_of_its_writes(
             "sorting-model": 3,
             "other-model": 1,
         }
+
+
+# ------------------------------------------------------------ giving space back (issue 16, item 4)
+
+
+def test_prune_and_clear_give_the_space_back_and_report_the_true_figure(tmp_path: Path) -> None:
+    from imgrank.cli import app
+    from imgrank.cli.cache_cmd import _size
+    from imgrank.features.cache import disk_usage
+
+    for command in ("prune", "clear"):
+        db = tmp_path / f"{command}.sqlite3"
+        with EmbeddingCache.open(db) as cache:
+            _write_entries(cache, 3000)  # their /photos/... files do not exist: prune drops them
+        before = disk_usage(db)
+        assert before > 500_000
+        result = runner.invoke(app, ["cache", command, "--cache", str(db)])
+        assert result.exit_code == 0, result.output
+        after = disk_usage(db)
+        assert after < before / 10, (command, before, after)
+        message = " ".join(result.stderr.split())
+        assert f"{_size(before - after)} freed (cache {_size(before)} -> {_size(after)})" in message
+
+
+def test_a_run_that_caches_nothing_leaves_no_empty_model_row(tmp_path: Path) -> None:
+    from conftest import tiny_args
+
+    from imgrank.cli import app
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.jpg").write_bytes(b"not a photo")
+    db = tmp_path / "cache.sqlite3"
+    failed = runner.invoke(app, ["sort", str(broken), "--by", "x", "--cache", str(db), *tiny_args()])
+    assert failed.exit_code == 3
+    with EmbeddingCache.open(db) as cache:
+        assert cache.summary().models == []
+        # A model is written with its first entries, and found again by its fingerprint.
+        model = _write_entries(cache, 2)
+        keys = [FileKey(f"/photos/a/{i}.jpg", 1000 + i, 10**18 + i, 7000 + i) for i in range(2)]
+        assert len(cache.get_many(model, keys)) == 2
+        assert len(cache.get_many(cache.model_id("fingerprint-a", "test model"), keys)) == 2
+    with EmbeddingCache.open(db) as cache:
+        (only,) = cache.summary().models
+        assert only.entries == 2
 
 
 def test_a_cache_with_damaged_pages_is_one_message_for_upkeep_and_set_aside_by_a_sort(

@@ -40,6 +40,12 @@ def _path(cache: Path | None) -> Path:
     return (cache or default_cache_db()).expanduser().absolute()
 
 
+def _disk_usage(path: Path) -> int:
+    from imgrank.features.cache import disk_usage
+
+    return disk_usage(path)
+
+
 def _open(path: Path) -> EmbeddingCache | None:
     from imgrank.features.cache import open_existing
 
@@ -52,6 +58,11 @@ def _size(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1000
     return f"{count:.1f} TB"
+
+
+def _freed(before: int, after: int) -> str:
+    """What the cache files took on disk before and after, measured, not estimated."""
+    return f"{_size(max(0, before - after))} freed (cache {_size(before)} -> {_size(after)})"
 
 
 def _iso(seconds: float) -> str:
@@ -138,18 +149,17 @@ def prune(cache: CacheOption = None) -> None:
     Photos on a disk that is not mounted look deleted: mount it first.
     """
     path = _path(cache)
+    before = _disk_usage(path)  # the files as they are, measured with nothing open
     store = _open(path)
     if store is None:
         err_console.print(f"no embedding cache at {escape(str(path))}: nothing to prune")
         return
     with store:
-        before = store.summary().disk_bytes
         result = store.prune()
-        after = store.summary().disk_bytes
+    after = _disk_usage(path)
     err_console.print(
         f"pruned {result.missing} entr{'y' if result.missing == 1 else 'ies'} of missing files "
-        f"and {result.changed} of changed files; kept {result.kept}; "
-        f"{_size(max(0, before - after))} freed"
+        f"and {result.changed} of changed files; kept {result.kept}; {_freed(before, after)}"
     )
 
 
@@ -158,15 +168,14 @@ def prune(cache: CacheOption = None) -> None:
 def clear(cache: CacheOption = None) -> None:
     """Remove every entry (the next sort of each folder embeds its photos again)."""
     path = _path(cache)
+    before = _disk_usage(path)  # the files as they are, measured with nothing open
     store = _open(path)
     if store is None:
         err_console.print(f"no embedding cache at {escape(str(path))}: nothing to clear")
         return
     with store:
-        before = store.summary().disk_bytes
         removed = store.clear()
-        after = store.summary().disk_bytes
+    after = _disk_usage(path)
     err_console.print(
-        f"cleared {removed} entr{'y' if removed == 1 else 'ies'}; "
-        f"{_size(max(0, before - after))} freed"
+        f"cleared {removed} entr{'y' if removed == 1 else 'ies'}; {_freed(before, after)}"
     )

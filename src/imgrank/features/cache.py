@@ -489,14 +489,25 @@ class EmbeddingCache:
     # ------------------------------------------------------------------ models
 
     def model_id(self, fingerprint: str, description: str) -> int:
-        """A handle for a model, registering it on first use (and marking it used now).
+        """A handle for a model (marking it used now, when it is in the cache).
 
         The handle is the model's row id at this moment; :meth:`get_many` and
         :meth:`put` resolve it by fingerprint each time, so they stay right if
-        the row is deleted (``cache prune``) and re-created meanwhile.
+        the row is deleted (``cache prune``) and re-created meanwhile. A model
+        not in the cache yet is not written here but with its first entries
+        (:meth:`flush`), under a stand-in handle below zero until then: a run
+        that caches nothing (it failed, or was stopped) leaves no empty model row.
         """
         with self._write():
-            model = self._register(fingerprint, description)
+            row = self._conn.execute(
+                "SELECT id FROM models WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()
+            if row is not None:
+                self._conn.execute(
+                    "UPDATE models SET last_used_at = ?, description = ? WHERE id = ?",
+                    (time.time(), description, int(row[0])),
+                )
+        model = int(row[0]) if row is not None else -1 - len(self._models)
         self._models[model] = (fingerprint, description)
         return model
 
@@ -806,7 +817,10 @@ class EmbeddingCache:
     def _reclaim(self) -> None:
         """Give freed pages back to the file system (the file uses incremental vacuum)."""
         try:
-            self._conn.execute("PRAGMA incremental_vacuum")
+            # The pragma frees one page per step of its statement, and execute() steps a
+            # statement without result columns once: a prune that emptied megabytes gave
+            # back 4 KB. executescript() steps each statement to its end.
+            self._conn.executescript("PRAGMA incremental_vacuum;")
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.OperationalError:
             pass  # another process is busy with the file; the space is reused later anyway
