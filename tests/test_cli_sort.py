@@ -281,3 +281,24 @@ def test_a_failed_run_leaves_output_files_as_they_were(tmp_path: Path) -> None:
     assert not fresh.exists()
     assert kept.read_text() == "an earlier ranking\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "errors.csv", "kept.csv"]
+
+
+def test_max_pixels_governs_the_limit_above_pillows_own_cap(
+    photo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 190 MP panorama: above Pillow's 179 MP cap, below the documented 200 MP default."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    Image.new("L", (19_000, 10_000), 128).save(photo_dir / "panorama.jpg", quality=50)
+    from test_bad_inputs import bomb_png
+
+    (photo_dir / "bomb.png").write_bytes(bomb_png())  # claims 2.5 gigapixels
+    for limit in ([], ["--max-pixels", "300000000"]):
+        result = sort(str(photo_dir), "--by", "x", *limit)
+        assert result.exit_code == 0, result.stderr
+        assert "panorama.jpg" in {Path(r["path"]).name for r in rows(result.stdout)}, limit
+        assert "bomb.png: refused as a decompression bomb" in " ".join(result.stderr.split())
+    lower = sort(str(photo_dir), "--by", "x", "--max-pixels", "100000000", "--no-cache")
+    assert "panorama.jpg" not in {Path(r["path"]).name for r in rows(lower.stdout)}
+    assert "more than the limit of 100,000,000" in " ".join(lower.stderr.split())

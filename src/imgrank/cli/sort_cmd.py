@@ -156,7 +156,9 @@ def sort(
         typer.Option(
             "--max-pixels",
             metavar="N",
-            help="Skip images larger than this (decompression bombs).",
+            min=1,
+            help="Skip images with more pixels than this (decompression bombs); may be raised "
+            "for huge panoramas.",
             rich_help_panel=PANEL_INPUT,
         ),
     ] = DEFAULT_MAX_PIXELS,
@@ -442,6 +444,9 @@ def sort(
 
     if rename and (paths_from is not None or is_uri(folder) or is_dataset(folder)):
         raise UsageError("--rename renames the photos of one local folder; give a folder as SRC")
+    from imgrank.images.decode import set_pillow_pixel_guard
+
+    set_pillow_pixel_guard(max_pixels)  # Pillow's own cap (179 MP) would otherwise win
     if any(target is not None for target in (link, copy, output, errors, report)):
         check_before_writing()  # no new files while an interrupted rename run is unsettled
     # --link / --copy destinations are judged now, before any model work: two rankings

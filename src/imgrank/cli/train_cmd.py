@@ -282,6 +282,9 @@ def train(
         imgrank train ~/Pictures/rated --prompt "photos I like" --out my-taste
     """
     from imgrank.models.device import available_cores
+    from imgrank.images.decode import DEFAULT_MAX_PIXELS, set_pillow_pixel_guard
+
+    set_pillow_pixel_guard(DEFAULT_MAX_PIXELS)  # the documented 200 MP, not Pillow's 179 MP
     from imgrank.training.datasets import load_labels
     from imgrank.training.fit import adapter_threads, train_adapter
 
@@ -414,6 +417,9 @@ def evaluate(
 
         imgrank eval test.tsv --adapter my-model --json > metrics.json
     """
+    from imgrank.images.decode import DEFAULT_MAX_PIXELS, set_pillow_pixel_guard
+
+    set_pillow_pixel_guard(DEFAULT_MAX_PIXELS)  # the documented 200 MP, not Pillow's 179 MP
     from imgrank.models.selection import ModelSelection
     from imgrank.training.datasets import load_labels
     from imgrank.training.evaluate import evaluate_labels

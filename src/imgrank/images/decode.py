@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,6 +37,19 @@ HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
 DEFAULT_MAX_PIXELS = 200_000_000
 
 _heif_state: bool | None = None
+
+
+def set_pillow_pixel_guard(max_pixels: int) -> None:
+    """Make Pillow's own decompression-bomb guard refuse what ``max_pixels`` refuses, no less.
+
+    Pillow refuses an image above twice ``PIL.Image.MAX_IMAGE_PIXELS`` (179 MP
+    by default) before imgrank sees its size, so neither a 200 MP default nor a
+    raised ``--max-pixels`` would hold without this. The limit is process-wide
+    state: the CLI sets it from ``--max-pixels``; library code never calls this.
+    """
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2  # Pillow errors above twice this
 
 
 def heif_available() -> bool:
@@ -259,7 +273,17 @@ def open_image(
         reason = "empty file (0 bytes)" if size == 0 else "not an image Pillow can read"
         raise ImageDecodeError(path, reason) from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(path, f"refused as a decompression bomb ({exc})") from None
+        # Pillow's guard fired first: say it in the same terms as imgrank's own check.
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else "the image"
+        reason = f"refused as a decompression bomb: {size} is more than the limit of {max_pixels:,}"
+        pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if pillow_limit < max_pixels:
+            reason += (
+                f" (here Pillow's own limit, {pillow_limit:,}, is the lower one: "
+                "imgrank.images.decode.set_pillow_pixel_guard raises it)"
+            )
+        raise ImageDecodeError(path, reason) from None
     except OSError as exc:
         raise ImageDecodeError(path, f"cannot read: {exc.strerror or exc}") from None
 
