@@ -252,3 +252,39 @@ def test_sixteen_bit_greyscale_is_converted_without_a_float_copy_of_the_picture(
     assert peak / (width * height) < 6, f"{peak / (width * height):.1f} bytes a pixel"
     grey = np.asarray(rgb)[..., 0].ravel()
     np.testing.assert_array_equal(grey, (values.astype(np.float64) / 257.0).astype(np.uint8))
+
+
+# --- photos only an extra reads (issue 16, item 6) -------------------------------------------
+
+
+def test_photos_only_a_missing_extra_reads_are_listed_as_skipped_with_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from imgrank.cli import app
+    from imgrank.images import decode
+
+    monkeypatch.setitem(decode.EXTRA_AVAILABLE, "heif", lambda: False)  # as without pillow-heif
+    # The table is what other formats extend: a made-up one behaves the same.
+    monkeypatch.setitem(decode.EXTRA_FORMATS, ".xyz", "madeup")
+    monkeypatch.setitem(decode.EXTRA_AVAILABLE, "madeup", lambda: False)
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    for name in ("IMG_0001.HEIC", "IMG_0002.heif", "scan.xyz", "notes.txt"):
+        (folder / name).write_bytes(b"\0" * 64)
+    skipped: list[tuple[str, str]] = []
+    assert decode.find_images(folder, on_skip=lambda p, r: skipped.append((p.name, r))) == []
+    assert skipped == [
+        ("IMG_0001.HEIC", "HEIC photos need the heif extra: pip install 'imgrank[heif]'"),
+        ("IMG_0002.heif", "HEIF photos need the heif extra: pip install 'imgrank[heif]'"),
+        ("scan.xyz", "XYZ photos need the madeup extra: pip install 'imgrank[madeup]'"),
+    ]  # each once, and notes.txt (not a photo format) not at all
+    result = CliRunner().invoke(app, ["sort", str(folder), "--by", "x", "--errors", str(tmp_path / "e.csv")])
+    assert result.exit_code == 3
+    message = " ".join(result.stderr.split())
+    assert message.count("IMG_0001.HEIC") == 1
+    assert "To read them: pip install 'imgrank[heif]' 'imgrank[madeup]'" in message
+    assert len((tmp_path / "e.csv").read_text().splitlines()) == 4  # header + 3 photos
+    with pytest.raises(ImageDecodeError, match=r"imgrank\[heif\]"):
+        load_pixels(folder / "IMG_0001.HEIC", CROP)

@@ -345,7 +345,7 @@ def _stored_rows(shards: list[Path]) -> int:
 def _nothing_found_message(
     request: SortRequest, skipped: list[SkippedFile], skipped_outputs: list[Path]
 ) -> str:
-    from imgrank.images.decode import supported_extensions
+    from imgrank.images.decode import missing_extra, supported_extensions
 
     if request.paths_from is not None:
         return (
@@ -361,6 +361,10 @@ def _nothing_found_message(
     message += ")"
     if skipped:
         message += f"; {len(skipped)} file(s) could not be used (see above)"
+    extras = sorted({extra for item in skipped if (extra := missing_extra(item.path))})
+    if extras:
+        installs = " ".join(f"'imgrank[{extra}]'" for extra in extras)
+        message += f". To read them: pip install {installs}"
     if skipped_outputs:
         message += (
             f"; {len(skipped_outputs)} folder(s) written by imgrank --link/--copy not scanned"

@@ -66,9 +66,18 @@ def heif_available() -> bool:
     return _heif_state
 
 
+#: Photo extensions read only with an optional extra: extension -> extra (``imgrank[extra]``).
+#: Other format modules add their own rows (and a row to :data:`EXTRA_AVAILABLE`).
+EXTRA_FORMATS: dict[str, str] = {extension: "heif" for extension in HEIF_EXTENSIONS}
+
+#: Extra -> a function telling whether it is installed (and registering its reader).
+EXTRA_AVAILABLE: dict[str, Callable[[], bool]] = {"heif": heif_available}
+
+
 def supported_extensions() -> frozenset[str]:
     """Lower-case extensions imgrank reads on this installation."""
-    extensions = BASE_EXTENSIONS | HEIF_EXTENSIONS if heif_available() else BASE_EXTENSIONS
+    readable = {ext for ext, extra in EXTRA_FORMATS.items() if EXTRA_AVAILABLE[extra]()}
+    extensions = BASE_EXTENSIONS | readable
     return extensions | RAW_EXTENSIONS if raw_available() else extensions
 
 
@@ -80,6 +89,21 @@ def listed_extensions() -> frozenset[str]:
     be silently ignored.
     """
     return supported_extensions() | RAW_EXTENSIONS
+
+
+def missing_extra(path: Path) -> str | None:
+    """The extra that would read ``path``, when it is a known photo format this
+    installation cannot read; None otherwise (readable, or not a photo extension)."""
+    extra = EXTRA_FORMATS.get(os.path.splitext(str(path))[1].lower())
+    if extra is None or EXTRA_AVAILABLE[extra]():
+        return None
+    return extra
+
+
+def needs_extra_reason(path: Path, extra: str) -> str:
+    """The skip reason for a photo only an extra reads (the CLI shows it once per file)."""
+    kind = os.path.splitext(str(path))[1].lstrip(".").upper()
+    return f"{kind} photos need the {extra} extra: pip install 'imgrank[{extra}]'"
 
 
 def _is_hidden(name: str) -> bool:
@@ -108,7 +132,8 @@ def find_images(
         recursive: descend into sub-folders.
         include_hidden: also consider names starting with a dot.
         exclude: folders not to scan (e.g. a ``--link`` output inside ``root``).
-        on_skip: called with ``(path, reason)`` for each file that cannot be used.
+        on_skip: called with ``(path, reason)`` for each file that cannot be used,
+            including photos in a format only a missing extra reads (``EXTRA_FORMATS``).
         skip_outputs: do not enter sub-folders that ``--link`` / ``--copy`` wrote
             (they hold :data:`imgrank.files.output_folder.MARKER`): their copies
             are not more photos to rank.
@@ -127,6 +152,9 @@ def find_images(
             continue
 
     if root.is_file():
+        extra = missing_extra(root)
+        if extra is not None:
+            skip(root, needs_extra_reason(root, extra))
         return [root] if root.suffix.lower() in extensions else []
 
     found: list[Path] = []
@@ -165,6 +193,9 @@ def find_images(
                     subfolders.append(path)
                 continue
             if path.suffix.lower() not in extensions:
+                extra = missing_extra(path)
+                if extra is not None:  # a photo, not just another file: say why it is left out
+                    skip(path, needs_extra_reason(path, extra))
                 continue
             try:
                 mode = os.stat(path).st_mode
@@ -258,6 +289,9 @@ def open_image(
 
     if not is_uri(path) and is_raw(path):
         return open_raw(path, min_side=min_side, max_pixels=max_pixels)
+    extra = missing_extra(path)
+    if extra is not None:  # e.g. a HEIC photo named in a label table, without the heif extra
+        raise ImageDecodeError(path, needs_extra_reason(path, extra))
     # A URI (s3://, gs://, file://...) is read through pyarrow; the decode is the same.
     readable = open_source(path) if is_uri(path) else path
     try:
