@@ -579,3 +579,25 @@ def test_renames_touch_only_files_inside_the_folder_and_leave_no_link_dangling(
                 assert os.path.exists(entry), f"{entry} dangles"
     for reason in ("a symbolic link", "points to it", "reached through a symbolic link"):
         assert reason in result.stderr, result.stderr
+
+
+def test_resorting_a_renamed_folder_keeps_tied_files_where_they_are(photo_dir: Path) -> None:
+    """Ties are ordered by the names before the rename, which the rename does not change."""
+    import shutil
+
+    # Two identical photos score exactly alike; by path "a-sub/x.jpg" comes before "b.jpg",
+    # but after the rename "2_b.jpg" would come before "a-sub/3_x.jpg".
+    (photo_dir / "a-sub").mkdir()
+    shutil.copy(photo_dir / "coffee.jpg", photo_dir / "a-sub" / "x.jpg")
+    shutil.copy(photo_dir / "coffee.jpg", photo_dir / "b.jpg")
+    first = _sort(photo_dir, "--rename", "--apply", "--ascending", "--format", "paths")
+    assert first.exit_code == 0, first.stderr
+    renamed = {line.split(" -> ")[1] for line in first.stdout.splitlines()}
+    assert len(renamed) == 6
+    for _ in range(2):  # and the plain ranking agrees with the names
+        again = _sort(photo_dir, "--rename", "--apply", "--ascending")
+        assert again.exit_code == 0, again.stderr
+        assert again.stdout == "" and "nothing to rename" in again.stderr
+    ranking = _sort(photo_dir, "--ascending", "--format", "paths")
+    ranks = [int(Path(line).name.split("_")[0]) for line in ranking.stdout.splitlines()]
+    assert ranks == [1, 2, 3, 4, 5, 6]

@@ -7,6 +7,7 @@ torch or on how scores were produced.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,19 +66,35 @@ def rank_scores(
     ascending: bool = False,
     top: int | None = None,
     raw_of: dict[Path, Path] | None = None,
+    names: dict[Path, str] | None = None,
 ) -> list[RankedImage]:
     """Order ``(path, score)`` pairs and number them from 1.
 
-    Ties are broken by path so the output is deterministic. ``ascending``
-    puts the lowest score first; ``top`` keeps only the first K rows.
+    Ties are broken by path, so the output is deterministic.
+    ``names`` gives the name to use for a file instead of its current one (the
+    name it had before imgrank renamed it), so a rename into rank order does not
+    change the order of tied files. ``ascending`` puts the lowest score first;
+    ``top`` keeps only the first K rows; ``raw_of`` gives a ranked photo its RAW twin.
     """
+    names = names or {}
+
+    def tie(path: Path) -> str:
+        original = names.get(path)
+        return str(path if original is None else path.parent / original)
+
     if ascending:
-        ordered = sorted(scored, key=lambda item: (item[1], str(item[0])))
+        ordered = sorted(scored, key=lambda item: (item[1], tie(item[0])))
     else:
-        ordered = sorted(scored, key=lambda item: (-item[1], str(item[0])))
+        ordered = sorted(scored, key=lambda item: (-item[1], tie(item[0])))
     if top is not None:
         ordered = ordered[:top]
     return [
         RankedImage(rank=i, score=score, path=path, raw=(raw_of or {}).get(path))
         for i, (path, score) in enumerate(ordered, 1)
     ]
+
+
+def tied_paths(scored: list[tuple[Path, float]]) -> list[Path]:
+    """The paths whose score another path shares exactly."""
+    counts = Counter(score for _path, score in scored)
+    return [path for path, score in scored if counts[score] > 1]

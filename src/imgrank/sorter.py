@@ -22,7 +22,7 @@ from imgrank.images.raw import INSTALL_HINT, RAW_PAIR_MODES, pair_raw_files
 from imgrank.images.sources import Source, is_uri
 from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from imgrank.models.selection import ModelSelection
-from imgrank.ranking import Ranking, SkippedFile, rank_scores
+from imgrank.ranking import Ranking, SkippedFile, rank_scores, tied_paths
 
 ENGINES = ("local", "ray")
 
@@ -261,11 +261,19 @@ def _ranking(
             f"none of the image files in {where} could be read "
             f"({len(skipped)} skipped; see the reasons above)"
         )
+    tied = [path for path in tied_paths(scored) if not is_uri(path)]  # type: ignore[arg-type]
+    if tied:  # ordered by the names they had before any imgrank rename: see rank_scores
+        from imgrank.files.rename_plan import names_before_renames
+
+        names = names_before_renames(tied)
+    else:
+        names = {}
     items = rank_scores(
         scored,  # type: ignore[arg-type]
         ascending=request.ascending,
         top=request.top,
         raw_of=raw_of,
+        names=names,
     )
     return Ranking(
         items=items,

@@ -183,6 +183,29 @@ def _lineage(directory: Path | None) -> dict[tuple[str, int, int], str]:
     return known
 
 
+def names_before_renames(paths: list[Path], directory: Path | None = None) -> dict[Path, str]:
+    """The name each of ``paths`` had before imgrank renamed it, for those an applied
+    (not undone) run renamed; a file never renamed is left out.
+
+    Ties in a ranking are ordered by this name, which a rename does not change, so
+    re-sorting a renamed folder by the same prompt renames nothing.
+    """
+    lineage = _lineage(directory)
+    if not lineage:
+        return {}
+    names: dict[Path, str] = {}
+    for path in paths:
+        absolute = absolute_path(path)
+        try:
+            info = os.lstat(absolute)
+        except OSError:
+            continue
+        original = lineage.get((str(absolute), info.st_dev, info.st_ino))
+        if original is not None:
+            names[path] = original
+    return names
+
+
 def _original_names(
     paths: list[Path],
     identities: list[FileIdentity],
