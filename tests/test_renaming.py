@@ -326,6 +326,39 @@ def test_undo_refuses_when_a_file_changed_since(tmp_path: Path, change: str) -> 
     assert snapshot(tmp_path) == state
 
 
+def test_undo_skip_changed_undoes_the_unchanged_files_and_leaves_the_edited_one(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "photos"
+    before = make_files(folder, ["a.jpg", "b.jpg", "c.jpg"])
+    apply_plan(plan_renames(ranked(folder, ["c.jpg", "a.jpg", "b.jpg"])), folder=folder)
+    edited = folder / "2_a.jpg"
+    with edited.open("ab") as handle:  # the user retouches one photo in place
+        handle.write(b" retouched")
+    os.utime(edited, ns=(1, 1))
+    state = snapshot(folder)
+    refused = _cli("undo", "--last")  # the default still refuses, naming the way out
+    assert refused.exit_code == 6 and "--skip-changed" in refused.stderr
+    assert snapshot(folder) == state
+    result = _cli("undo", "--last", "--skip-changed")
+    assert result.exit_code == 0, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "restored the original names of 2 file(s)" in message
+    assert "left 1 changed file(s) as they are" in message and "2_a.jpg" in message
+    assert snapshot(folder) == {
+        "b.jpg": before["b.jpg"],
+        "c.jpg": before["c.jpg"],
+        "2_a.jpg": before["a.jpg"] + b" retouched",
+    }
+    # The journal records what was done and what was left.
+    (undo_run,) = [r for r in list_runs() if r.kind == "undo"]
+    assert len(undo_run.steps) == 2 and [s["path"] for s in undo_run.skipped] == [str(edited)]
+    # The photo left behind still counts as renamed: a new sort replaces its prefix.
+    again = plan_renames(ranked(folder, ["2_a.jpg", "b.jpg", "c.jpg"]))
+    assert [r.target.name for r in again.renames] == ["1_a.jpg", "2_b.jpg", "3_c.jpg"]
+    assert _cli("undo", "--last").exit_code == 6  # nothing left to undo
+
+
 def test_the_guard_blocks_writes_while_a_run_is_unfinished(tmp_path: Path) -> None:
     from imgrank.files.journal import JournalWriter
 

@@ -112,18 +112,27 @@ def undo(
     last: Annotated[
         bool, typer.Option("--last", help="Undo the latest rename run not yet undone.")
     ] = False,
+    skip_changed: Annotated[
+        bool,
+        typer.Option(
+            "--skip-changed",
+            help="Undo every file that is unchanged; leave the ones moved, deleted, replaced or "
+            "edited since as they are, and list them.",
+        ),
+    ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Give the photos of a rename run their names back.
 
     Refuses, changing nothing, when a file the run renamed was moved, deleted
-    or replaced since, or when an old name is now taken by another file.
+    or replaced since (unless --skip-changed), or when an old name is now taken
+    by another file.
     """
     from imgrank.files.renaming import undo as undo_run
 
     if last == (run_id is not None):
         raise UsageError("give either a RUN_ID or --last (see `imgrank runs`)")
-    result = undo_run(run_id)
+    result = undo_run(run_id, skip_changed=skip_changed)
     if not quiet and result.sidecars:
         err_console.print(
             f"gave {result.sidecars} XMP sidecar(s) their earlier content back, removing the ones "
@@ -133,6 +142,12 @@ def undo(
         err_console.print(
             f"restored the original names of {result.renamed} file(s) (undo run {result.run_id})"
         )
+    if result.skipped:  # files left under their ranked names: shown even with --quiet
+        err_console.print(
+            f"left {len(result.skipped)} changed file(s) as they are (recorded in the journal):"
+        )
+        for line in result.skipped:
+            err_console.print(f"  - {escape(line)}")
 
 
 @handle_errors

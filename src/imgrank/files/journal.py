@@ -232,6 +232,8 @@ class RunRecord:
         imgrank_version: Version that wrote the journal.
         template: The ``--name-template`` used (empty for undo runs).
         undoes: For an undo run, the id of the run it undoes.
+        skipped: For an undo run with ``--skip-changed``: ``{"path", "reason"}`` of
+            each file it left as it was (still under the name the sort gave it).
         pid: Process id of the writer (shown when the run is still in progress).
         steps: The planned file moves.
         begun: The plan was complete on disk (renames may have started).
@@ -251,6 +253,7 @@ class RunRecord:
     imgrank_version: str = ""
     template: str = ""
     undoes: str | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
     pid: int | None = None
     steps: list[StepRecord] = field(default_factory=list)
     begun: bool = False
@@ -315,6 +318,7 @@ class JournalWriter:
         prompt: str = "",
         template: str = "",
         undoes: str | None = None,
+        skipped: list[dict[str, str]] | None = None,
         directory: Path | None = None,
         sidecars: list[SidecarRecord] | None = None,
     ) -> JournalWriter:
@@ -342,6 +346,7 @@ class JournalWriter:
             "host": socket.gethostname(),
             "steps": len(steps),
             "sidecars": len(sidecars or []),
+            "skipped": skipped or [],
         }
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -487,6 +492,11 @@ def read_run(path: Path) -> RunRecord:
                 imgrank_version=str(record.get("imgrank_version", "")),
                 template=str(record.get("template") or ""),
                 undoes=record.get("undoes"),
+                skipped=[
+                    {"path": str(item.get("path", "")), "reason": str(item.get("reason", ""))}
+                    for item in record.get("skipped") or []
+                    if isinstance(item, dict)
+                ],
                 pid=record.get("pid"),
             )
         elif run is None:

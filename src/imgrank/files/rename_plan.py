@@ -173,12 +173,17 @@ def _check_target_name(source: Path, name: str, limits: tuple[int, int]) -> None
 def _lineage(directory: Path | None) -> dict[tuple[str, int, int], str]:
     """``(path, dev, inode) -> original name`` for files an applied, not undone run renamed."""
     runs = list_runs(directory)
-    undone = {r.undoes for r in runs if r.kind == "undo" and r.outcome == "applied"}
+    undos = {r.undoes: r for r in runs if r.kind == "undo" and r.outcome == "applied"}
     known: dict[tuple[str, int, int], str] = {}
     for run in runs:  # oldest first: later runs override
-        if run.kind != "sort" or run.outcome != "applied" or run.run_id in undone:
+        if run.kind != "sort" or run.outcome != "applied":
             continue
+        undo = undos.get(run.run_id)
+        # An undo with --skip-changed left some files under the names this run gave them.
+        kept = None if undo is None else {item["path"] for item in undo.skipped}
         for step in run.steps:
+            if kept is not None and str(step.target) not in kept:
+                continue
             known[(str(step.target), step.identity.dev, step.identity.ino)] = step.original_name
     return known
 

@@ -32,7 +32,7 @@ import contextlib
 import os
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -85,12 +85,14 @@ class RunResult:
         journal: The journal file, None if nothing had to move.
         renamed: How many files got a new name.
         sidecars: How many XMP sidecars were put back (undo of an ``xmp`` run).
+        skipped: Undo with ``skip_changed``: each file left as it was, and why.
     """
 
     run_id: str | None
     journal: Path | None
     renamed: int
     sidecars: int = 0
+    skipped: list[str] = field(default_factory=list)
 
 
 def apply_plan(
@@ -319,13 +321,22 @@ def _undone_by(runs: list[RunRecord]) -> dict[str, str]:
     }
 
 
-def undo(run_id: str | None = None, *, journal_dir: Path | None = None) -> RunResult:
+def undo(
+    run_id: str | None = None,
+    *,
+    skip_changed: bool = False,
+    journal_dir: Path | None = None,
+) -> RunResult:
     """Give the files of a finished run their names back (or, for an ``xmp`` run, its
     sidecars their earlier content: :func:`imgrank.files.sidecars.undo_sidecar_run`).
 
     Args:
         run_id: The run (a unique prefix is enough); None for the latest
             rename run that has not been undone.
+        skip_changed: Undo every file that is still the one the run renamed and
+            leave the others (moved, deleted, replaced or edited since) as they
+            are, listed in the result and in the undo's journal. Without it, any
+            such file refuses the whole undo.
         journal_dir: Where journals are (default :func:`imgrank.paths.journal_dir`).
 
     Raises:
@@ -372,37 +383,48 @@ def undo(run_id: str | None = None, *, journal_dir: Path | None = None) -> RunRe
         result = undo_sidecar_run(run, journal_dir=journal_dir)
         return RunResult(result.run_id, result.journal, 0, sidecars=result.written)
 
-    problems = []
-    identities: list[FileIdentity] = []
+    problems: list[str] = []
+    changed: list[dict[str, str]] = []  # files --skip-changed leaves as they are
+    kept: list[tuple[StepRecord, FileIdentity]] = []
     renamed_again: dict[str, int] = defaultdict(int)
     for step in run.steps:
         now = identity_or_none(step.target)
+        reason = None
         if now is None:
             later = _later_mover(runs, run, step)
             if later is not None:
                 renamed_again[later] += 1
-            else:
-                problems.append(f"{step.target} no longer exists: it was moved or deleted since")
+                continue
+            reason = "no longer exists: it was moved or deleted since"
         elif now != step.identity:
             # Size and mtime too, not only the inode: a file deleted and re-created
             # at once often gets the same inode number back.
-            problems.append(
-                f"{step.target} is not the file imgrank renamed: it was replaced or modified "
-                "since (its inode, size or modification time differ)"
+            reason = (
+                "is not the file imgrank renamed: it was replaced or modified since "
+                "(its inode, size or modification time differ)"
             )
+        if reason is None:
+            assert now is not None
+            kept.append((step, now))
         else:
-            identities.append(now)
-    for later, count in renamed_again.items():
-        problems.insert(
-            0,
-            f"{count} of its file(s) were renamed again by the later run {later}; "
-            f"undo that one first (`imgrank undo {later}`)",
-        )
-    if problems:
-        listed = "\n".join(f"  - {p}" for p in problems)
+            problems.append(f"{step.target} {reason}")
+            changed.append({"path": str(step.target), "reason": reason})
+    later_runs = [
+        f"{count} of its file(s) were renamed again by the later run {later}; "
+        f"undo that one first (`imgrank undo {later}`)"
+        for later, count in renamed_again.items()
+    ]
+    if later_runs or (problems and not skip_changed) or not kept:
+        listed = "\n".join(f"  - {p}" for p in later_runs + problems)
+        hint = ""
+        if problems and not later_runs and kept:
+            hint = (
+                f" `imgrank undo {run.run_id} --skip-changed` renames back the "
+                f"{len(kept)} unchanged file(s) and leaves these as they are."
+            )
         raise UnsafeOperationError(
             f"cannot undo run {run.run_id}: imgrank only renames back files it can be sure are the "
-            f"ones it renamed. Nothing was changed.\n{listed}"
+            f"ones it renamed. Nothing was changed.{hint}\n{listed}"
         )
 
     new_id = new_run_id()
@@ -415,7 +437,7 @@ def undo(run_id: str | None = None, *, journal_dir: Path | None = None) -> RunRe
             identity=ident,
             original_name=old.original_name,
         )
-        for i, (old, ident) in enumerate(zip(run.steps, identities, strict=True))
+        for i, (old, ident) in enumerate(kept)
     ]
     listings = folder_listings({s.source.parent for s in steps})
     leaving: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -441,10 +463,11 @@ def undo(run_id: str | None = None, *, journal_dir: Path | None = None) -> RunRe
         prompt=run.prompt,
         template=run.template,
         undoes=run.run_id,
+        skipped=changed,
         directory=journal_dir,
     )
     _execute(writer, steps, moves)
-    return RunResult(new_id, writer.path, len(steps))
+    return RunResult(new_id, writer.path, len(steps), skipped=problems)
 
 
 def _later_mover(runs: list[RunRecord], run: RunRecord, step: StepRecord) -> str | None:
