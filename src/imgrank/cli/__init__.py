@@ -65,9 +65,19 @@ app.command("eval", cls=ImgrankCommand)(train_cmd.evaluate)
 
 
 def main() -> None:
-    """Console-script entry point: process-wide settings belong here, not in the library."""
+    """Run the command line and exit with its code (process-wide settings belong here).
+
+    Ctrl-C is reported the same wherever it lands: inside a command by
+    :func:`imgrank.cli.common.handle_errors`; while options are parsed or after the
+    command returned (where Typer exits 130 without a word), here. Once the
+    command is over, a late Ctrl-C is ignored: the work is done, and interpreter
+    shutdown must not print a traceback or end the process by the signal.
+    """
     import atexit
     import gc
+    import signal
+
+    from imgrank.cli import common
 
     # Spare the garbage collector's last pass over torch's objects at exit: with
     # torch and open_clip imported, ending the interpreter took about 0.9 s on the
@@ -75,4 +85,15 @@ def main() -> None:
     # to under 0.2 s. Registered first, so it runs after every other atexit handler.
     # Objects are still released by reference counting.
     atexit.register(gc.freeze)
-    app()
+    code: object = 0
+    try:
+        app()
+    except SystemExit as done:
+        code = done.code
+    except KeyboardInterrupt:
+        code = common.EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if code == common.EXIT_INTERRUPTED and not common.interrupt_reported:
+        common.interrupted_message()
+    raise SystemExit(code)

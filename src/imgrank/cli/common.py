@@ -72,7 +72,7 @@ def handle_errors(func: F) -> F:
             error(f"{exc.name} is not installed: {hint}")
             raise typer.Exit(ModelError.exit_code) from None
         except KeyboardInterrupt:
-            error("interrupted")
+            interrupted_message()
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # `imgrank runs | head` closes our stdout early; that is not an error. (Commands
@@ -153,6 +153,68 @@ def route_library_warnings(*, quiet: bool) -> None:
         warn(str(message))
 
     warnings.showwarning = show
+
+
+#: What the running command has already changed on disk, for an exact message if a
+#: Ctrl-C ends it later (e.g. "renamed 6 photo(s) (run ...)"). CLI state, not library state.
+done_so_far: list[str] = []
+#: Whether :func:`interrupted_message` has spoken (so the entry point does not repeat it).
+interrupt_reported = False
+
+
+def interrupted_message() -> None:
+    """Say that Ctrl-C ended the command, what it had already done, and what is left to do."""
+    global interrupt_reported
+    interrupt_reported = True
+    message = "interrupted"
+    if done_so_far:
+        message += "; already done: " + "; ".join(done_so_far)
+    try:
+        from imgrank.files.journal import unfinished_runs
+
+        unfinished = unfinished_runs()
+    except Exception:  # the message must come out whatever the journals look like
+        unfinished = []
+    if unfinished:
+        message += (
+            f"; rename run {unfinished[0].run_id} was left unfinished: run `imgrank recover` "
+            "to give every photo its original name (or `imgrank recover --forward`)"
+        )
+    error(message)
+
+
+class InterruptGuard:
+    """Hold Ctrl-C off while files are renamed: noted, then acted on at a safe point.
+
+    A KeyboardInterrupt can land on any bytecode, e.g. between the last rename and
+    the journal's closing record. Inside the guard SIGINT only sets
+    :attr:`requested`; the code polls it (``guard()``) where stopping is clean.
+    Outside the main thread (where Python cannot install handlers) it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _note(self, _signum: int, _frame: object) -> None:
+        self.requested = True
+
+    def __enter__(self) -> InterruptGuard:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def option_given(ctx: typer.Context, parameter: str) -> bool:

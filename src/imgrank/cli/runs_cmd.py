@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Annotated, BinaryIO
 import typer
 from rich.markup import escape
 
-from imgrank.cli.common import StdoutSink, check_before_writing, err_console, handle_errors
+from imgrank.cli.common import (
+    InterruptGuard,
+    StdoutSink,
+    check_before_writing,
+    done_so_far,
+    err_console,
+    handle_errors,
+)
 from imgrank.cli.options import JsonOption, QuietOption
 from imgrank.errors import UsageError
 
@@ -246,12 +253,19 @@ def rename_after_sort(
                 "add --apply to rename them"
             )
         return items
-    result = apply_plan(plan, folder=folder, prompt=prompt)
+    # Ctrl-C is held off from the journal's first line to its last, and honoured at
+    # the next clean point: before a rename (all reversed) or after the last one.
+    with InterruptGuard() as guard:
+        result = apply_plan(plan, folder=folder, prompt=prompt, should_stop=guard)
+    done = (
+        f"renamed {result.renamed} file(s) (run {result.run_id}); "
+        "`imgrank undo --last` puts the old names back"
+    )
+    done_so_far.append(done)
+    if guard.requested:
+        raise KeyboardInterrupt  # reported with what was done, by handle_errors
     if not quiet:
-        err_console.print(
-            f"renamed {result.renamed} file(s) (run {result.run_id}); "
-            "`imgrank undo --last` puts the old names back"
-        )
+        err_console.print(done)
     new_names = {r.source: r.target.name for r in plan.renames}
 
     def now(path: Path) -> Path:

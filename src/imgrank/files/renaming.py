@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -101,6 +101,7 @@ def apply_plan(
     folder: Path,
     prompt: str = "",
     journal_dir: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RunResult:
     """Execute a plan: journal first, then each rename, reversed on any error.
 
@@ -109,6 +110,10 @@ def apply_plan(
         folder: The folder that was sorted (recorded in the journal).
         prompt: The ``--by`` text (recorded in the journal).
         journal_dir: Where journals are (default :func:`imgrank.paths.journal_dir`).
+        should_stop: Polled before the journal is written and before each rename
+            (a front end holding Ctrl-C off sets it): when true, the run stops
+            there and what was done is reversed, as for a KeyboardInterrupt.
+            Once the last rename is made the run is completed regardless.
 
     Raises:
         UnfinishedRunError: an earlier run was interrupted; ``imgrank recover`` first.
@@ -118,6 +123,9 @@ def apply_plan(
     check_no_unfinished_run(journal_dir)
     if plan.is_empty:
         return RunResult(None, None, 0)
+    stop = should_stop or (lambda: False)
+    if stop():
+        raise RenameInterruptedError("interrupted before any photo was renamed; nothing changed")
     steps = plan.steps()
     writer = JournalWriter.create(
         run_id=plan.run_id,
@@ -128,7 +136,7 @@ def apply_plan(
         template=plan.template,
         directory=journal_dir,
     )
-    _execute(writer, steps, plan.moves)
+    _execute(writer, steps, plan.moves, stop)
     return RunResult(plan.run_id, writer.path, len(steps))
 
 
@@ -151,11 +159,18 @@ def _fsync_folders(folders: Iterable[Path]) -> None:
         fsync_folder(folder)
 
 
-def _execute(writer: JournalWriter, steps: list[StepRecord], moves: list[Move]) -> None:
+def _execute(
+    writer: JournalWriter,
+    steps: list[StepRecord],
+    moves: list[Move],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
     """Run ``moves``; on any error or interruption put everything back, then raise."""
     done = 0
     try:
         for move in moves:
+            if should_stop():
+                raise KeyboardInterrupt
             step = steps[move.step]
             problem = _identity_problem(move.source, step.identity, strict=True)
             if problem is not None:
