@@ -70,3 +70,17 @@ def test_plain_tensor_files_still_load(tmp_path: Path) -> None:
         state = read_state_dict(tmp_path / name)
         assert list(state) == ["visual.proj"]
         assert torch.equal(state["visual.proj"], weights["visual.proj"])
+
+
+def test_the_refusal_never_tells_the_user_to_load_the_file_anyway(tmp_path: Path) -> None:
+    """torch's own message suggests weights_only=False; imgrank's says what to do instead."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "weights.pt"
+    torch.save({"visual.proj": torch.zeros(2, 2), "payload": _RunsCodeWhenUnpickled(marker)}, path)
+    with pytest.raises(ModelError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert "weights_only" not in message and "can still be loaded" not in message
+    assert "\x1b[" not in message  # no terminal colour codes either
+    assert "will not run it" in message and ".safetensors" in message and str(path) in message
+    assert not marker.exists()

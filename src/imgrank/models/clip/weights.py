@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,12 +46,32 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here is a bad file for the user
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"cannot load weights from {path}: {first_line} "
-            "(only plain tensor checkpoints are accepted; pickled code is refused)"
-        ) from None
+        raise ModelError(_unreadable_weights_message(path, exc)) from None
     return _unwrap_state(state, path)
+
+
+def _unreadable_weights_message(path: Path, exc: Exception) -> str:
+    """Why a weights file was not loaded, in imgrank's words.
+
+    torch's own message for a refused pickle tells the reader how to load the
+    file anyway, running the code inside it; imgrank never passes that on.
+    """
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return (
+            f"{path} holds Python objects besides tensors: loading it would run code from the "
+            "file, and imgrank will not run it (pickled code is refused). If you trust where "
+            "it came from, convert it once to a .safetensors file of plain tensors (see "
+            "docs/safety.md, 'Model files') and give imgrank that file."
+        )
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text).strip()  # no terminal colour codes
+    first_line = plain.splitlines()[0] if plain else type(exc).__name__
+    return (
+        f"cannot load weights from {path}: {first_line} "
+        "(only plain tensor checkpoints are accepted; pickled code is refused)"
+    )
 
 
 def _unwrap_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
