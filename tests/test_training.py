@@ -195,6 +195,97 @@ def test_eval_table_and_round(trained, counting: Path) -> None:  # type: ignore[
         assert group["MAE"] != pytest.approx(plain["groups"][name]["MAE"])
 
 
+# --- what the model folder tells a user (issue 16, items 7-9) --------------------------------
+
+
+def test_the_model_folder_records_its_prompts_and_validation(trained) -> None:  # type: ignore[no-untyped-def]
+    out, _ = trained
+    source = json.loads((out / "config.json").read_text())["source"]
+    summary = json.loads((out / "training.json").read_text())
+    assert set(source["prompts"]) == {CIRCLES, "Rank the numbers of squares."}
+    best = summary["epochs"][summary["best_epoch"] - 1]
+    assert source["validation"]["SRCC"] == pytest.approx(best["val_SRCC"])
+    assert source["validation"]["better_than_chance"] is (best["val_SRCC"] > 0)
+    info = invoke("adapter", "info", str(out))
+    assert info.exit_code == 0, info.stderr
+    trained_on = next(line for line in info.stdout.splitlines() if line.startswith("trained on"))
+    assert repr(CIRCLES) in trained_on
+    assert f"SRCC {best['val_SRCC']:.3f}" in info.stdout
+
+
+def test_sorting_by_a_prompt_the_adapter_never_saw_warns(trained, photo_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    out, _ = trained
+    base = ["sort", str(photo_dir), "--adapter", str(out), "--device", "cpu"]
+    seen = invoke(*base, "--by", CIRCLES)
+    assert seen.exit_code == 0, seen.stderr
+    assert "not a prompt" not in seen.stderr
+    unseen = invoke(*base, "--by", "Rank the number of triangles.")
+    assert unseen.exit_code == 0, unseen.stderr  # adapters can generalise: a warning only
+    warning = " ".join(unseen.stderr.split())
+    assert "'Rank the number of triangles.' is not a prompt counting was trained on" in warning
+    assert len(unseen.stdout.splitlines()) == 5  # header + 4 photos
+
+
+def test_a_model_no_better_than_chance_is_saved_with_a_clear_warning(
+    counting: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from imgrank.training import fit
+
+    real = fit.train_adapter
+
+    def ranks_backwards(*args, **kwargs):  # type: ignore[no-untyped-def]
+        """A real training run whose kept epoch then ranks validation backwards."""
+        result = real(*args, **kwargs)
+        result.epochs[result.best_epoch - 1] = dataclasses.replace(result.best, val_SRCC=-0.24)
+        return result
+
+    table = tmp_path / "t.tsv"
+    rows = (counting / "train.tsv").read_text().splitlines()
+    body = [str(counting / r.split("\t")[0]) + "\t" + r.split("\t", 1)[1] for r in rows[1:25]]
+    table.write_text("\n".join([rows[0], *body]) + "\n")
+    monkeypatch.setattr(fit, "train_adapter", ranks_backwards)
+    out = tmp_path / "backwards"
+    result = invoke("train", str(table), "--out", str(out), *tiny_args(), "--epochs", "1")
+    assert result.exit_code == 0, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "no better than chance (SRCC -0.2400)" in message
+    for advice in ("more labelled images", "more --epochs", "a larger backbone"):
+        assert advice in message
+    assert (out / "config.json").exists()  # saved all the same
+    # Without the twist, the warning follows what the folder records.
+    monkeypatch.setattr(fit, "train_adapter", real)
+    out = tmp_path / "plain"
+    result = invoke("train", str(table), "--out", str(out), *tiny_args(), "--epochs", "1")
+    assert result.exit_code == 0, result.stderr
+    validation = json.loads((out / "config.json").read_text())["source"]["validation"]
+    assert ("no better than chance" in result.stderr) is (not validation["better_than_chance"])
+
+
+def test_eval_shows_a_group_of_one_image_as_undefined(trained, counting: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out, _ = trained
+    rows = (counting / "test.tsv").read_text().splitlines()
+    header, body = rows[0], rows[1:]
+    lonely = body[0].split("\t")
+    lonely[2] = "a group of one"  # the cname column names the group
+    table = tmp_path / "test.tsv"
+    absolute = [str(counting / r.split("\t")[0]) + "\t" + r.split("\t", 1)[1] for r in body[1:]]
+    single = str(counting / lonely[0]) + "\t" + "\t".join(lonely[1:])
+    table.write_text("\n".join([header, *absolute, single]) + "\n")
+    report = _eval_json(str(table), "--adapter", str(out), "--device", "cpu")
+    alone = report["groups"]["a group of one"]
+    assert alone["n"] == 1 and alone["SRCC"] is None and alone["PLCC"] is None
+    assert report["mean"]["n"] == len(body)
+    assert report["mean"]["SRCC"] == pytest.approx(
+        np.mean([g["SRCC"] for name, g in report["groups"].items() if name != "a group of one"])
+    )
+    shown = invoke("eval", str(table), "--adapter", str(out), "--device", "cpu")
+    assert shown.exit_code == 0, shown.stderr
+    line = next(row for row in shown.stdout.splitlines() if "a group of one" in row)
+    assert "—" in line
+
+
 # --- behaviour of the training run ------------------------------------------------------------
 
 

@@ -153,6 +153,7 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
     cache = _open_cache(request, callbacks.warn)
     try:
         model = load_model(resolved, warn=callbacks.warn)
+        _warn_untrained_prompt(request, callbacks.warn)
         # Every photo cached: score without building the image tower (and, for zero-shot
         # and heads, without importing open_clip: 1.4 s of a 2.5 s re-sort).
         warm = cache is not None and model.fully_cached(paths, cache)  # type: ignore[arg-type]
@@ -348,6 +349,18 @@ def _stored_rows(shards: list[Path]) -> int:
     import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
+
+
+def _warn_untrained_prompt(request: SortRequest, warn: Callable[[str], None]) -> None:
+    """--adapter with a --by it was never trained on: a warning (adapters can generalise)."""
+    if request.adapter is None or not request.prompt.strip():
+        return
+    from imgrank.models.adapter_scoring import untrained_prompt_warning
+    from imgrank.models.checkpoints import load_model_folder
+
+    message = untrained_prompt_warning(load_model_folder(request.adapter), request.prompt)
+    if message is not None:
+        warn(message)
 
 
 def _nothing_found_message(

@@ -90,7 +90,12 @@ def info(
     as_json: JsonOption = False,
 ) -> None:
     """Show what a model folder holds: adapter, backbone, preprocessing, prompts, provenance."""
-    from imgrank.models.checkpoints import CONFIG_FILE, load_adapter, load_model_folder
+    from imgrank.models.checkpoints import (
+        CONFIG_FILE,
+        load_adapter,
+        load_model_folder,
+        trained_prompts,
+    )
 
     model = load_model_folder(folder)
     if as_json:
@@ -126,6 +131,18 @@ def info(
             "unknown" if targets is None else f"{targets[0]:g} to {targets[1]:g} in training",
         ),
     ]
+    trained_on = trained_prompts(model)
+    if trained_on:
+        rows.append(("trained on", "; ".join(repr(p) for p in trained_on)))
+    validation = model.source.get("validation")
+    if isinstance(validation, dict):
+        figures = ", ".join(
+            f"{name} {validation[name]:.3f}"
+            for name in ("SRCC", "PLCC", "MAE")
+            if isinstance(validation.get(name), (int, float))
+        )
+        chance = "" if validation.get("better_than_chance") else " (no better than chance)"
+        rows.append(("validation", f"{figures} at epoch {validation.get('epoch')}{chance}"))
     if model.source:
         rows.append(("source", json.dumps(model.source, sort_keys=True)))
     width = max(len(label) for label, _ in rows)

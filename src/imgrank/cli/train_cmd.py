@@ -286,7 +286,8 @@ def train(
 
     set_pillow_pixel_guard(DEFAULT_MAX_PIXELS)  # the documented 200 MP, not Pillow's 179 MP
     from imgrank.training.datasets import load_labels
-    from imgrank.training.fit import adapter_threads, train_adapter
+    from imgrank.models.checkpoints import CONFIG_FILE
+    from imgrank.training.fit import SUMMARY_FILE, adapter_threads, better_than_chance, train_adapter
 
     route_library_warnings(quiet=quiet)
     check_before_writing()  # refuse while an interrupted rename run is unsettled
@@ -335,6 +336,15 @@ def train(
             f"to {escape(str(result.out))}"
         )
         raise typer.Exit(EXIT_INTERRUPTED)
+    if better_than_chance(best) is False:
+        warn(
+            f"the best epoch ranks the validation images no better than chance (SRCC "
+            f"{_fmt(best.val_SRCC)}): sorting with this model is no better than random. What "
+            "usually helps: more labelled images per group, more --epochs (or a higher --lr), "
+            "a larger backbone (--model). The model was saved; its validation metrics are in "
+            f"{CONFIG_FILE} and {SUMMARY_FILE}.",
+            quiet=quiet,
+        )
     why = {"patience": "validation SRCC stopped improving", "epochs": "all epochs done"}[
         result.stopped
     ]

@@ -16,6 +16,7 @@ import numpy as np
 from imgrank.errors import AdapterMismatchError, ModelError
 
 if TYPE_CHECKING:
+    from imgrank.models.checkpoints import ModelFolder
     from imgrank.models.adapter import RankingAdapter
     from imgrank.models.clip.towers import TextFeatures
     from imgrank.models.scoring import FeatureBatch
@@ -85,3 +86,21 @@ class AdapterScorer:
         with torch.inference_mode():
             scores = self.adapter.score(tokens, self._text)
         return scores.reshape(-1).double().cpu().numpy()
+
+
+def untrained_prompt_warning(folder: ModelFolder, prompt: str) -> str | None:
+    """A warning when ``prompt`` is not one the adapter was trained on (None if it is, or
+    the folder does not say). Adapters can generalise, so this is a warning, not an error."""
+    from imgrank.models.checkpoints import trained_prompts
+
+    def normal(text: str) -> str:
+        return " ".join(text.split()).casefold()
+
+    known = trained_prompts(folder)
+    if not known or normal(prompt) in {normal(p) for p in known}:
+        return None
+    shown = "; ".join(repr(p) for p in known[:5]) + (" ..." if len(known) > 5 else "")
+    return (
+        f"--by {prompt!r} is not a prompt {folder.path.name} was trained on ({shown}); an "
+        "adapter may generalise to it, but check the ranking"
+    )

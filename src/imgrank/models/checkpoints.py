@@ -477,6 +477,15 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(plain, str(path), metadata={"format": "pt"})
 
 
+def trained_prompts(model: ModelFolder) -> list[str]:
+    """The prompts the adapter was trained on, as ``imgrank train`` recorded them
+    (empty for folders that do not say, such as imported checkpoints)."""
+    prompts = model.source.get("prompts")
+    if not isinstance(prompts, list):
+        return []
+    return [p for p in prompts if isinstance(p, str)]
+
+
 def save_model_folder(
     out: str | Path,
     adapter: RankingAdapter,

@@ -146,11 +146,12 @@ def encode_usable(
     cache: Path | None | bool,
     reporter: TrainingReporter,
     purpose: str,
+    minimum: int = 2,
 ) -> tuple[EncodedImages, LabelSet]:
     """Encode the labelled images once (through the cache) and drop rows whose image failed.
 
     Raises:
-        DataError: a group is left with fewer than two usable rows for ``purpose``.
+        DataError: a group is left with fewer than ``minimum`` usable rows for ``purpose``.
     """
     opened = open_cache_for(cache, reporter)
     try:
@@ -167,7 +168,7 @@ def encode_usable(
         if opened is not None:
             opened.close()
     usable = labels.without(encoded.failed)
-    usable.require_rows_per_group(2, purpose=purpose)
+    usable.require_rows_per_group(minimum, purpose=purpose)
     return encoded, usable
 
 

@@ -53,18 +53,20 @@ def evaluate_labels(
         reporter: Progress hooks.
 
     Raises:
-        DataError: a group with fewer than two usable rows.
+        DataError: nothing usable (a group of one image is reported as undefined instead).
         UsageError: inconsistent model options.
         ModelError / AdapterMismatchError: the model cannot be loaded.
     """
     from imgrank.models.loading import load_model
 
     reporter = reporter or TrainingReporter()
-    labels.require_rows_per_group(2, purpose="evaluation")
+    # A group of one image has no order to measure: its correlations show as undefined
+    # and it is left out of the average, as docs/training.md says; it is not an error.
+    labels.require_rows_per_group(1, purpose="evaluation")
     model = load_model(selection, warn=reporter.warn)
     encoded, labels = encode_usable(
         labels, model.image_encoder, tokens=model.needs_tokens, batch_size=batch_size,
-        workers=workers, cache=cache, reporter=reporter, purpose="evaluation",
+        workers=workers, cache=cache, reporter=reporter, purpose="evaluation", minimum=1,
     )  # fmt: skip
 
     scores: dict[tuple[Path, str], float] = {}

@@ -276,6 +276,31 @@ def _is_better(candidate: EpochRecord, best: EpochRecord | None) -> bool:
     return c_srcc >= b_srcc - SRCC_TIE and c_loss < b_loss
 
 
+#: A best validation SRCC at or below this ranks no better than chance.
+CHANCE_SRCC = 0.0
+
+
+def better_than_chance(best: EpochRecord) -> bool | None:
+    """Whether the kept epoch ranks the validation images better than chance (None: no
+    validation). A model that does not is still saved, but is worth a warning."""
+    if best.val_loss is None:
+        return None
+    return best.val_SRCC is not None and best.val_SRCC > CHANCE_SRCC
+
+
+def validation_record(best: EpochRecord) -> dict[str, Any] | None:
+    """The kept epoch's validation metrics, as the model folder records them."""
+    if best.val_loss is None:
+        return None
+    return {
+        "epoch": best.epoch,
+        "SRCC": best.val_SRCC,
+        "PLCC": best.val_PLCC,
+        "MAE": best.val_MAE,
+        "better_than_chance": better_than_chance(best),
+    }
+
+
 def _none_if_nan(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
@@ -530,6 +555,9 @@ def train_adapter(
             "summary": SUMMARY_FILE,
             "data": str(labels.source),
             "best_epoch": best.epoch,
+            # What `sort --adapter` compares --by with, and `adapter info` shows.
+            "prompts": labels.prompts(),
+            "validation": validation_record(best),
         },
         extra_files={SUMMARY_FILE: json.dumps(summary, indent=2) + "\n"},
     )
