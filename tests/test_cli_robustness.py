@@ -276,3 +276,55 @@ def test_library_warnings_are_silent_under_quiet_and_one_line_otherwise(
     quiet = _sort_in_process(str(photo_dir), "--by", "q", "-q", "--no-cache")
     assert quiet.exit_code == 0, quiet.output
     assert quiet.stderr == "", "-q prints nothing on stderr but errors"
+
+
+# --- item 10: what one file may cost, and the first Ctrl-C ------------------------------------
+
+
+def test_a_huge_sparse_file_with_an_image_header_is_skipped_by_the_size_cap(
+    photo_dir: Path,
+) -> None:
+    header = (photo_dir / "chelsea.jpg").read_bytes()[:4096]
+    with open(photo_dir / "huge.jpg", "wb") as handle:
+        handle.write(header)
+        handle.truncate(3 * 1024**3)  # 3 GiB, sparse: no disk space used
+    result = _sort_in_process(str(photo_dir), "--by", "q", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert "huge.jpg" not in result.stdout and result.stdout.count("\n") == 5
+    assert "huge.jpg" in result.stderr and "--max-file-mb 2048" in result.stderr
+    raised = _sort_in_process(str(photo_dir), "--by", "q", "--no-cache", "--max-file-mb", "4096")
+    assert raised.exit_code == 0 and "huge.jpg" in raised.stdout, raised.output
+
+
+def test_stopping_the_stream_does_not_wait_for_a_decode_that_takes_minutes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The first Ctrl-C waited for the running decode (a `with` pool joins its threads)."""
+    import threading
+    import time
+
+    from imgrank.features import stream
+    from imgrank.models.clip.config import PreprocessConfig
+
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_decode(path, *_args, **_kwargs):  # type: ignore[no-untyped-def]
+        if path.name == "slow.jpg":
+            started.set()
+            release.wait(30)  # a 20 GB file being read
+        import numpy as np
+
+        return np.zeros((3, 8, 8), np.float32)
+
+    monkeypatch.setattr(stream, "load_pixels", slow_decode)
+    paths = [tmp_path / "fast.jpg", tmp_path / "slow.jpg"]
+    batches = stream.decode_batches(paths, PreprocessConfig(image_size=8), batch_size=1, workers=2)
+    next(batches)
+    assert started.wait(10)
+    assert stream.decodes_running() == 1
+    begun = time.monotonic()
+    batches.close()  # what a KeyboardInterrupt in the consumer does to the generator
+    waited = time.monotonic() - begun
+    release.set()
+    assert waited < 5, f"closing the stream waited {waited:.1f} s for the decode"

@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
 import numpy as np
 
 from imgrank.errors import NoImagesRankedError, UsageError
 from imgrank.features.cache import EmbeddingCache
 from imgrank.features.parquet import is_dataset
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE, PipelineStats, score_images
-from imgrank.images.decode import DEFAULT_MAX_PIXELS
+from imgrank.images.decode import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 from imgrank.images.raw import INSTALL_HINT, RAW_PAIR_MODES, pair_raw_files
 from imgrank.images.sources import Source, is_uri
 from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
@@ -46,6 +47,8 @@ class SortRequest:
     ascending: bool = False
     top: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Files above this many MiB are skipped with a reason (``--max-file-mb``).
+    max_file_mb: int = DEFAULT_MAX_FILE_MB
     #: Embedding cache file (None: ``imgrank.paths.default_cache_db()``).
     cache: Path | None = None
     #: False (--no-cache): neither read nor write the embedding cache.
@@ -241,6 +244,7 @@ def list_inputs(
         exclude=request.exclude,
         on_skip=lambda path, reason: on_skip(SkippedFile(path, reason)),  # type: ignore[arg-type]
         on_output_folder=on_output_folder,
+        max_file_mb=request.max_file_mb,
     )
 
 

@@ -6,6 +6,7 @@ warnings, errors) goes to stderr through :data:`err_console`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -73,6 +74,7 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(ModelError.exit_code) from None
         except KeyboardInterrupt:
             interrupted_message()
+            _exit_now_if_decoding()
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # `imgrank runs | head` closes our stdout early; that is not an error. (Commands
@@ -215,6 +217,23 @@ class InterruptGuard:
 
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _exit_now_if_decoding() -> None:
+    """After Ctrl-C, leave at once if a decode thread is still busy with one file.
+
+    Python joins worker threads at exit, and decoding one huge or hostile file
+    can take minutes; the first Ctrl-C must stop the run within a second. By
+    now every ``finally`` has run (journals closed, the cache flushed, partial
+    files removed); only the abandoned decodes remain, and they write nothing.
+    """
+    stream_module = sys.modules.get("imgrank.features.stream")
+    if stream_module is None or stream_module.decodes_running() == 0:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def option_given(ctx: typer.Context, parameter: str) -> bool:

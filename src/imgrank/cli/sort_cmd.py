@@ -48,7 +48,7 @@ from imgrank.cli.options import (
 )
 from imgrank.errors import UsageError
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE
-from imgrank.images.decode import DEFAULT_MAX_PIXELS
+from imgrank.images.decode import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 
 # These modules import torch only inside functions, so importing them here is cheap.
 from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
@@ -162,6 +162,17 @@ def sort(
             rich_help_panel=PANEL_INPUT,
         ),
     ] = DEFAULT_MAX_PIXELS,
+    max_file_mb: Annotated[
+        int,
+        typer.Option(
+            "--max-file-mb",
+            metavar="N",
+            min=1,
+            help="Skip files larger than N MiB (a 20 GB file with an image header would keep "
+            "the run busy for minutes).",
+            rich_help_panel=PANEL_INPUT,
+        ),
+    ] = DEFAULT_MAX_FILE_MB,
     raw_pairs: Annotated[
         RawPairs,
         typer.Option(
@@ -474,6 +485,7 @@ def sort(
         ascending=ascending,
         top=top,
         max_pixels=max_pixels,
+        max_file_mb=max_file_mb,
         cache=cache_file if isinstance(cache_file := cache_choice(cache, no_cache), Path) else None,
         use_cache=cache_file is not False,
         adapter=adapter,

@@ -162,6 +162,27 @@ def skip_reason(exc: Exception) -> str:
     return f"unexpected error: {type(exc).__name__}: {exc}"
 
 
+#: Name prefix of the decode threads.
+DECODE_THREAD_PREFIX = "imgrank-decode"
+
+_busy_lock = threading.Lock()
+_busy_decodes = 0
+
+
+def decodes_running() -> int:
+    """How many files the decode threads of this process are decoding right now.
+
+    The CLI asks after a Ctrl-C: Python would wait for them at exit.
+    """
+    return _busy_decodes
+
+
+def _count_decode(delta: int) -> None:
+    global _busy_decodes
+    with _busy_lock:
+        _busy_decodes += delta
+
+
 def decode_batches(
     paths: Iterable[Path],
     preprocess: PreprocessConfig,
@@ -188,7 +209,11 @@ def decode_batches(
 
     def decode(path: Path) -> tuple[np.ndarray, float]:
         started = time.thread_time()
-        pixels = load_pixels(path, preprocess, draft=draft, max_pixels=max_pixels)
+        _count_decode(+1)
+        try:
+            pixels = load_pixels(path, preprocess, draft=draft, max_pixels=max_pixels)
+        finally:
+            _count_decode(-1)
         return pixels, time.thread_time() - started
 
     pending: deque[tuple[int, Path, Future[tuple[np.ndarray, float]]]] = deque()
@@ -196,49 +221,55 @@ def decode_batches(
     batch_paths: list[Path] = []
     batch_pixels: list[np.ndarray] = []
     source = enumerate(paths)
-    with ThreadPoolExecutor(
+    # Not a `with` block: its exit waits for the decodes running, and one file can take
+    # minutes (a huge TIFF, a sparse file with an image header). Ctrl-C must not wait.
+    pool = ThreadPoolExecutor(
         max_workers=workers,
-        thread_name_prefix="imgrank-decode",
+        thread_name_prefix=DECODE_THREAD_PREFIX,
         initializer=_lower_decode_priority,
-    ) as pool:
+    )
+    finished = False
 
-        def refill() -> None:
-            while len(pending) < in_flight_limit:
-                item = next(source, None)
-                if item is None:
-                    return
-                index, path = item
-                pending.append((index, path, pool.submit(decode, path)))
+    def refill() -> None:
+        while len(pending) < in_flight_limit:
+            item = next(source, None)
+            if item is None:
+                return
+            index, path = item
+            pending.append((index, path, pool.submit(decode, path)))
 
-        try:
-            refill()
-            while pending:
-                index, path, future = pending.popleft()
-                waited = time.perf_counter()
-                try:
-                    pixels, cpu_seconds = future.result()
-                except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
-                    if on_skip is not None:
-                        on_skip(SkippedFile(path, skip_reason(exc)))
-                else:
-                    batch_indices.append(index)
-                    batch_paths.append(path)
-                    batch_pixels.append(pixels)
-                    if stats is not None:
-                        stats.decode_cpu_seconds += cpu_seconds
+    try:
+        refill()
+        while pending:
+            index, path, future = pending.popleft()
+            waited = time.perf_counter()
+            try:
+                pixels, cpu_seconds = future.result()
+            except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
+                if on_skip is not None:
+                    on_skip(SkippedFile(path, skip_reason(exc)))
+            else:
+                batch_indices.append(index)
+                batch_paths.append(path)
+                batch_pixels.append(pixels)
                 if stats is not None:
-                    stats.wait_seconds += time.perf_counter() - waited
-                refill()
-                if len(batch_paths) == wanted:
-                    yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices)
-                    batch_indices, batch_paths, batch_pixels = [], [], []
-                    wanted = batch_size
-            if batch_paths:
+                    stats.decode_cpu_seconds += cpu_seconds
+            if stats is not None:
+                stats.wait_seconds += time.perf_counter() - waited
+            refill()
+            if len(batch_paths) == wanted:
                 yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices)
-        finally:
-            # Interrupted (Ctrl-C, an error in the consumer): do not decode the rest.
-            for _index, _path, future in pending:
-                future.cancel()
+                batch_indices, batch_paths, batch_pixels = [], [], []
+                wanted = batch_size
+        if batch_paths:
+            yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices)
+        finished = True
+    finally:
+        # Interrupted (Ctrl-C, an error in the consumer): do not decode the rest, and
+        # do not wait for the decodes still running (their results are dropped).
+        for _index, _path, future in pending:
+            future.cancel()
+        pool.shutdown(wait=finished, cancel_futures=True)
 
 
 def cache_fingerprint(encoder: ImageEncoder) -> str:

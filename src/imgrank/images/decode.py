@@ -110,6 +110,13 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+#: Largest file imgrank reads by default (``--max-file-mb``). Decoding cost follows
+#: the file, not the pixel count a header claims: a sparse 20 GB file with a JPEG
+#: header kept a run busy for twenty minutes. Photos, RAW files and HEIFs are far
+#: below this; a huge TIFF scan may need the option raised.
+DEFAULT_MAX_FILE_MB = 2048
+
+
 def find_images(
     root: Path,
     *,
@@ -119,6 +126,7 @@ def find_images(
     on_skip: Callable[[Path, str], None] | None = None,
     skip_outputs: bool = True,
     on_output_folder: Callable[[Path], None] | None = None,
+    max_file_mb: int | None = DEFAULT_MAX_FILE_MB,
 ) -> list[Path]:
     """List the image files under ``root``, sorted, as paths under ``root``.
 
@@ -138,10 +146,12 @@ def find_images(
             (they hold :data:`imgrank.files.output_folder.MARKER`): their copies
             are not more photos to rank.
         on_output_folder: called with each output folder so skipped.
+        max_file_mb: files larger than this many MiB are skipped (None: no cap).
     """
     from imgrank.files.output_folder import is_output_folder
 
     extensions = listed_extensions()
+    max_bytes = None if max_file_mb is None else max_file_mb * 1024 * 1024
     skip = on_skip or (lambda _path, _reason: None)
     excluded = set()
     for folder in exclude:
@@ -198,15 +208,22 @@ def find_images(
                     skip(path, needs_extra_reason(path, extra))
                 continue
             try:
-                mode = os.stat(path).st_mode
+                info = os.stat(path)
             except FileNotFoundError:
                 skip(path, "broken symbolic link (its target does not exist)")
                 continue
             except OSError as exc:
                 skip(path, f"cannot read: {exc.strerror or exc}")
                 continue
-            if not stat.S_ISREG(mode):
+            if not stat.S_ISREG(info.st_mode):
                 skip(path, "not a regular file")
+                continue
+            if max_bytes is not None and info.st_size > max_bytes:
+                skip(
+                    path,
+                    f"{info.st_size / 1024**2:,.0f} MiB, larger than --max-file-mb {max_file_mb} "
+                    "(raise it to read this file)",
+                )
                 continue
             found.append(path)
         for sub in subfolders:

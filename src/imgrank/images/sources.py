@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+
 from imgrank.errors import UsageError
-from imgrank.images.decode import find_images, supported_extensions
+from imgrank.images.decode import DEFAULT_MAX_FILE_MB, find_images, supported_extensions
 from imgrank.images.uri import filesystem as _filesystem
 from imgrank.images.uri import is_uri, open_source
 from imgrank.images.uri import require_pyarrow as _require_pyarrow
@@ -52,6 +53,7 @@ def list_sources(
     exclude: list[Path] | tuple[Path, ...] = (),
     on_skip: Callable[[Source, str], None] | None = None,
     on_output_folder: Callable[[Path], None] | None = None,
+    max_file_mb: int | None = DEFAULT_MAX_FILE_MB,
 ) -> list[Source]:
     """The image files of a folder, a single file, or a URI prefix, sorted.
 
@@ -73,6 +75,7 @@ def list_sources(
                 exclude=exclude,
                 on_skip=on_skip,
                 on_output_folder=on_output_folder,
+                max_file_mb=max_file_mb,
             )
         )
     uri = str(source)
