@@ -135,3 +135,9 @@ def test_docs_cli_md_documents_every_option_and_no_other() -> None:
     documented = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", DOCS.read_text(encoding="utf-8")))
     unknown = sorted(documented - everywhere - {"--help", "--version"})
     assert not unknown, "docs/cli.md names options no command has: " + ", ".join(unknown)
+
+
+@pytest.mark.parametrize("path", [(), ("cache",), ("adapter",)], ids=["imgrank", "cache", "adapter"])
+def test_group_help_has_no_type_noise_either(path: tuple[str, ...]) -> None:
+    text = _help(path)
+    assert "<bool>" not in text and "Usage:" in text

@@ -10,12 +10,13 @@ from __future__ import annotations
 import typer
 
 from imgrank import __version__
-from imgrank.cli.help import ImgrankCommand
+from imgrank.cli.help import ImgrankCommand, ImgrankGroup
 
 app = typer.Typer(
     name="imgrank",
     help="Sort photos by what a sentence asks for (CLIP + a ranking-aware adapter).",
     no_args_is_help=True,
+    cls=ImgrankGroup,
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,

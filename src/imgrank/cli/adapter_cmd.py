@@ -10,13 +10,14 @@ import typer
 from rich.markup import escape
 
 from imgrank.cli.common import check_before_writing, err_console, handle_errors
-from imgrank.cli.help import ImgrankCommand
+from imgrank.cli.help import ImgrankCommand, ImgrankGroup
 from imgrank.cli.options import PANEL_MODEL, JsonOption, OutFolderOption
 
 app = typer.Typer(
     name="adapter",
     help="Ranking-adapter model folders: import the paper's checkpoints, inspect a folder.",
     no_args_is_help=True,
+    cls=ImgrankGroup,
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,

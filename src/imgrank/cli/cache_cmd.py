@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from imgrank.cli.common import err_console, handle_errors
-from imgrank.cli.help import ImgrankCommand
+from imgrank.cli.help import ImgrankCommand, ImgrankGroup
 from imgrank.cli.options import CacheOption, JsonOption
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ app = typer.Typer(
     name="cache",
     help="The embedding cache that makes re-sorting a folder nearly free: info, prune, clear.",
     no_args_is_help=True,
+    cls=ImgrankGroup,
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,

@@ -12,25 +12,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 
 def _no_type_label(*_args: Any, **_kwargs: Any) -> None:
     return None
 
 
+def _drop_type_labels(command: Any, ctx: Any) -> None:
+    # Duck-typed: recent Typer versions bring their own copy of click's classes.
+    for param in command.get_params(ctx):
+        kind = getattr(param, "param_type_name", "")
+        if kind == "option" and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # a flag takes no value: nothing to label
+        elif kind == "argument" and hasattr(param, "display_type_rich"):
+            # The argument's metavar (FOLDER, LABELS) already names what it takes.
+            param.display_type_rich = _no_type_label  # type: ignore[method-assign]
+
+
+class ImgrankGroup(TyperGroup):
+    """``imgrank``, ``imgrank cache``, ``imgrank adapter``: the same tidy help as the commands."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _drop_type_labels(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 class ImgrankCommand(TyperCommand):
     """A Typer command whose help shows no type labels for flags and arguments."""
 
-    # Duck-typed: recent Typer versions bring their own copy of click's classes.
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        for param in self.get_params(ctx):
-            kind = getattr(param, "param_type_name", "")
-            if kind == "option" and getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""  # a flag takes no value: nothing to label
-            elif kind == "argument" and hasattr(param, "display_type_rich"):
-                # The argument's metavar (FOLDER, LABELS) already names what it takes.
-                param.display_type_rich = _no_type_label  # type: ignore[method-assign]
+        _drop_type_labels(self, ctx)
         super().format_help(ctx, formatter)
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
