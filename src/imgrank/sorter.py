@@ -17,7 +17,12 @@ import numpy as np
 from imgrank.errors import NoImagesRankedError, UsageError
 from imgrank.features.cache import EmbeddingCache
 from imgrank.features.parquet import is_dataset
-from imgrank.features.pipeline import DEFAULT_BATCH_SIZE, PipelineStats, score_images
+from imgrank.features.pipeline import (
+    DEFAULT_BATCH_SIZE,
+    FeatureListener,
+    PipelineStats,
+    score_images,
+)
 from imgrank.images.decode import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 from imgrank.images.raw import INSTALL_HINT, RAW_PAIR_MODES, pair_raw_files
 from imgrank.images.sources import Source, is_uri
@@ -107,8 +112,16 @@ class SortCallbacks:
     advance: Callable[[int], None] = lambda _count: None
 
 
-def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) -> Ranking:
+def sort_folder(
+    request: SortRequest,
+    callbacks: SortCallbacks | None = None,
+    *,
+    on_features: FeatureListener | None = None,
+) -> Ranking:
     """Find, score and order the images of a folder.
+
+    ``on_features`` is told every scored image's embedding (and, when decoded in this
+    run, its hash and capture time): ``imgrank cull`` groups with them.
 
     Raises:
         UsageError: the folder does not exist or the options are inconsistent.
@@ -175,6 +188,7 @@ def sort_folder(request: SortRequest, callbacks: SortCallbacks | None = None) ->
             cache=cache,
             on_warning=callbacks.warn,
             stats=stats,
+            on_features=on_features,
         )
     finally:
         if cache is not None:

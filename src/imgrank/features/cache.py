@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from imgrank.errors import CacheError, UnsafeOperationError
+from imgrank.images.facts import FACTS_VERSION, CaptureTime, PhotoFacts
 
 #: Version of the table layout below. A file with a higher version was written
 #: by a newer imgrank and is left alone; an older one this module knows how to
@@ -71,6 +72,8 @@ DEFAULT_BUSY_TIMEOUT = 30.0
 LOOKUP_CHUNK = 256
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+
+_U64 = (1 << 64) - 1
 
 _SCHEMA = (
     """
@@ -104,6 +107,23 @@ _SCHEMA = (
         tokens_dtype TEXT,
         created_at REAL NOT NULL,
         UNIQUE (model_id, path)
+    )
+    """,
+    # What culling needs besides features (imgrank.images.facts): the perceptual hash and
+    # the capture time, one row per file version whatever the model. Added within schema
+    # version 2 without bumping it: CREATE IF NOT EXISTS adds it to an existing cache and
+    # an older imgrank ignores it.
+    """
+    CREATE TABLE IF NOT EXISTS photo_facts (
+        path BLOB PRIMARY KEY,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        version TEXT NOT NULL,
+        phash INTEGER NOT NULL,
+        captured_local REAL,
+        offset_minutes INTEGER,
+        created_at REAL NOT NULL
     )
     """,
 )
@@ -354,6 +374,7 @@ class EmbeddingCache:
         #: another process may delete a model row while this run uses it, and
         #: SQLite may then hand the same id to another model.
         self._models: dict[int, tuple[str, str]] = {}
+        self._pending_facts: list[tuple[object, ...]] = []
         self._last_commit = time.monotonic()
         self._write_failures = 0
         self._closed = False
@@ -636,6 +657,54 @@ class EmbeddingCache:
         ):
             self.flush()
 
+    def get_facts_many(self, keys: list[FileKey]) -> dict[str, PhotoFacts]:
+        """Stored hashes and capture times of the files in ``keys`` that are unchanged.
+
+        Returns:
+            ``{absolute path: facts}`` for the hits only.
+        """
+        wanted = {key.blob: key for key in keys}
+        found: dict[str, PhotoFacts] = {}
+        blobs = list(wanted)
+        for start in range(0, len(blobs), LOOKUP_CHUNK):
+            chunk = blobs[start : start + LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            try:
+                rows = self._conn.execute(
+                    "SELECT path, size, mtime_ns, inode, phash, captured_local, offset_minutes"
+                    f" FROM photo_facts WHERE version = ? AND path IN ({marks})",
+                    (FACTS_VERSION, *chunk),
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise CacheError(f"cannot read the embedding cache {self.path}: {exc}") from None
+            for blob, size, mtime_ns, inode, phash, local, offset in rows:
+                key = wanted.get(bytes(blob))
+                if key is None or (size, mtime_ns, inode) != (key.size, key.mtime_ns, key.inode):
+                    continue  # changed, or another file took the name
+                captured = None if local is None else CaptureTime(float(local), offset)
+                found[key.path] = PhotoFacts(int(phash) & _U64, captured)
+        return found
+
+    def put_facts(self, key: FileKey, facts: PhotoFacts) -> None:
+        """Queue one file's hash and capture time; written with the next commit."""
+        captured = facts.captured
+        self._pending_facts.append(
+            (
+                key.blob,
+                key.size,
+                key.mtime_ns,
+                key.inode,
+                FACTS_VERSION,
+                # SQLite integers are signed 64-bit: store the hash's bits as one.
+                facts.phash - (1 << 64) if facts.phash >= 1 << 63 else facts.phash,
+                None if captured is None else captured.local,
+                None if captured is None else captured.offset_minutes,
+                time.time(),
+            )
+        )
+        if len(self._pending_facts) >= self.commit_every:
+            self.flush()
+
     def flush(self) -> int:
         """Write the queued entries in one transaction; returns how many were written.
 
@@ -647,9 +716,10 @@ class EmbeddingCache:
             CacheError: the database file is damaged.
         """
         self._last_commit = time.monotonic()
-        if not self._pending:
+        if not self._pending and not self._pending_facts:
             return 0
         rows, self._pending = self._pending, []
+        facts, self._pending_facts = self._pending_facts, []
         try:
             with self._write():
                 # Row ids are looked up in the transaction that writes the entries: a
@@ -665,6 +735,12 @@ class EmbeddingCache:
                     " token_count, token_dim, tokens_dtype, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
+                )
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO photo_facts"
+                    " (path, size, mtime_ns, inode, version, phash, captured_local,"
+                    " offset_minutes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    facts,
                 )
         except sqlite3.OperationalError as exc:
             if not _is_busy(exc):
@@ -766,6 +842,7 @@ class EmbeddingCache:
                     self._conn.executemany("DELETE FROM entries WHERE id = ?", doomed)
             if on_progress is not None:
                 on_progress(len(rows))
+        self._prune_facts()
         with self._write():
             models_removed = self._conn.execute(
                 "DELETE FROM models WHERE id NOT IN (SELECT DISTINCT model_id FROM entries)"
@@ -774,6 +851,35 @@ class EmbeddingCache:
         return PruneResult(
             missing=missing, changed=changed, kept=kept, models_removed=models_removed
         )
+
+    def _prune_facts(self) -> None:
+        """Drop the stored hashes and times of files gone or changed (as :meth:`prune`)."""
+        if not self._has_facts_table():
+            return  # opened by open_existing on a cache written before photo facts
+        last = b""
+        while True:
+            rows = self._conn.execute(
+                "SELECT path, size, mtime_ns, inode FROM photo_facts WHERE path > ? ORDER BY path"
+                " LIMIT 512",
+                (last,),
+            ).fetchall()
+            if not rows:
+                return
+            last = bytes(rows[-1][0])
+            doomed: list[tuple[bytes]] = []
+            for blob, size, mtime_ns, inode in rows:
+                try:
+                    info = os.stat(os.fsdecode(bytes(blob)))
+                except FileNotFoundError:
+                    doomed.append((bytes(blob),))
+                    continue
+                except OSError:
+                    continue
+                if (info.st_size, info.st_mtime_ns, info.st_ino) != (size, mtime_ns, inode):
+                    doomed.append((bytes(blob),))
+            if doomed:
+                with self._write():
+                    self._conn.executemany("DELETE FROM photo_facts WHERE path = ?", doomed)
 
     def clear(self) -> int:
         """Remove every entry and model; returns the number of entries removed."""
@@ -785,8 +891,18 @@ class EmbeddingCache:
         with self._write():
             removed = self._conn.execute("DELETE FROM entries").rowcount
             self._conn.execute("DELETE FROM models")
+            if self._has_facts_table():
+                self._conn.execute("DELETE FROM photo_facts")
         self._reclaim()
         return int(removed)
+
+    def _has_facts_table(self) -> bool:
+        return (
+            self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'photo_facts'"
+            ).fetchone()
+            is not None
+        )
 
     def integrity_check(self) -> list[str]:
         """SQLite's full integrity check: ``["ok"]`` when the file is sound."""

@@ -34,8 +34,14 @@ from imgrank.ranking import SkippedFile
 
 if TYPE_CHECKING:
     from imgrank.features.cache import EmbeddingCache
+    from imgrank.images.facts import PhotoFacts
 
-__all__ = ["DEFAULT_BATCH_SIZE", "ImageEncoder", "PipelineStats", "score_images"]
+__all__ = ["DEFAULT_BATCH_SIZE", "FeatureListener", "ImageEncoder", "PipelineStats", "score_images"]
+
+#: ``on_features(paths, pooled, facts)``: a batch of scored images, their (N, E) pooled
+#: embeddings, and their hashes and capture times from this run's decode (None when
+#: served from the cache).
+FeatureListener = Callable[[list[Path], np.ndarray, "list[PhotoFacts | None] | None"], None]
 
 
 def score_images(
@@ -52,6 +58,7 @@ def score_images(
     on_warning: Callable[[str], None] | None = None,
     draft: bool = True,
     stats: PipelineStats | None = None,
+    on_features: FeatureListener | None = None,
 ) -> list[tuple[Path, float]]:
     """Score every image of ``paths``; unusable files go to ``on_skip``.
 
@@ -61,6 +68,9 @@ def score_images(
         scorer: turns features into scores (``RankingModel.scorer(prompt)``).
         on_progress: called with the number of files finished (scored or
             skipped) since the last call.
+        on_features: told the pooled embedding of every scored image, with its hash and
+            capture time when they came from this run's decode (None for cache hits):
+            ``imgrank cull`` groups with them.
         Other arguments: see :func:`imgrank.features.stream.iter_features`.
 
     Returns:
@@ -87,10 +97,15 @@ def score_images(
         on_skip=skipped,
         on_warning=on_warning,
         stats=stats,
+        facts=on_features is not None,
     )
     # closing(): an interrupted run (Ctrl-C, a failing scorer) still writes what it cached.
     with contextlib.closing(stream):
         for batch in stream:
+            if on_features is not None:
+                on_features(
+                    [paths[i] for i in batch.indices], batch.features.pooled, batch.facts
+                )
             started = time.perf_counter()
             scores = np.asarray(scorer.score(batch.features), dtype=np.float64).reshape(-1)
             stats.score_seconds += time.perf_counter() - started

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from imgrank.errors import CacheError, ImageDecodeError, ModelError
-from imgrank.images.decode import DECODE_VERSION, DEFAULT_MAX_PIXELS, load_pixels
+from imgrank.images.decode import DECODE_VERSION, DEFAULT_MAX_PIXELS, load_pixels_and_facts
+from imgrank.images.facts import PhotoFacts
 from imgrank.models.scoring import FeatureBatch
 from imgrank.ranking import SkippedFile
 
@@ -135,6 +136,8 @@ class DecodedBatch:
     paths: list[Path]
     pixels: np.ndarray
     indices: list[int] = field(default_factory=list)
+    #: Hash and capture time of each image, from the same decode (``with_facts``).
+    facts: list[PhotoFacts | None] = field(default_factory=list)
 
 
 @dataclass
@@ -145,11 +148,14 @@ class IndexedFeatures:
         indices: Positions, in the ``paths`` given to :func:`iter_features`, of the rows.
         features: Their features (``tokens`` only when the stream was asked for them).
         from_cache: True when the batch was read from the embedding cache.
+        facts: Each row's perceptual hash and capture time, when the stream was asked
+            for them and the batch was decoded in this run (None for cache hits).
     """
 
     indices: list[int]
     features: FeatureBatch
     from_cache: bool = False
+    facts: list[PhotoFacts | None] | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -193,6 +199,7 @@ def decode_batches(
     draft: bool = True,
     on_skip: Callable[[SkippedFile], None] | None = None,
     stats: PipelineStats | None = None,
+    with_facts: bool = False,
 ) -> Iterator[DecodedBatch]:
     """Decode images in a thread pool and yield them in input order, batch by batch.
 
@@ -207,19 +214,22 @@ def decode_batches(
     # of a whole batch's worth (about half a second of an idle model on 2 cores).
     wanted = max(1, min(batch_size, 2 * workers))
 
-    def decode(path: Path) -> tuple[np.ndarray, float]:
+    def decode(path: Path) -> tuple[np.ndarray, PhotoFacts | None, float]:
         started = time.thread_time()
         _count_decode(+1)
         try:
-            pixels = load_pixels(path, preprocess, draft=draft, max_pixels=max_pixels)
+            pixels, facts = load_pixels_and_facts(
+                path, preprocess, draft=draft, max_pixels=max_pixels, facts=with_facts
+            )
         finally:
             _count_decode(-1)
-        return pixels, time.thread_time() - started
+        return pixels, facts, time.thread_time() - started
 
-    pending: deque[tuple[int, Path, Future[tuple[np.ndarray, float]]]] = deque()
+    pending: deque[tuple[int, Path, Future[tuple[np.ndarray, PhotoFacts | None, float]]]] = deque()
     batch_indices: list[int] = []
     batch_paths: list[Path] = []
     batch_pixels: list[np.ndarray] = []
+    batch_facts: list[PhotoFacts | None] = []
     source = enumerate(paths)
     # Not a `with` block: its exit waits for the decodes running, and one file can take
     # minutes (a huge TIFF, a sparse file with an image header). Ctrl-C must not wait.
@@ -244,7 +254,7 @@ def decode_batches(
             index, path, future = pending.popleft()
             waited = time.perf_counter()
             try:
-                pixels, cpu_seconds = future.result()
+                pixels, facts, cpu_seconds = future.result()
             except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
                 if on_skip is not None:
                     on_skip(SkippedFile(path, skip_reason(exc)))
@@ -252,17 +262,18 @@ def decode_batches(
                 batch_indices.append(index)
                 batch_paths.append(path)
                 batch_pixels.append(pixels)
+                batch_facts.append(facts)
                 if stats is not None:
                     stats.decode_cpu_seconds += cpu_seconds
             if stats is not None:
                 stats.wait_seconds += time.perf_counter() - waited
             refill()
             if len(batch_paths) == wanted:
-                yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices)
-                batch_indices, batch_paths, batch_pixels = [], [], []
+                yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices, batch_facts)
+                batch_indices, batch_paths, batch_pixels, batch_facts = [], [], [], []
                 wanted = batch_size
         if batch_paths:
-            yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices)
+            yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices, batch_facts)
         finished = True
     finally:
         # Interrupted (Ctrl-C, an error in the consumer): do not decode the rest, and
@@ -340,6 +351,14 @@ class CacheSession:
         except Exception as exc:  # noqa: BLE001
             self._disable(exc)
 
+    def put_facts(self, key: FileKey, facts: PhotoFacts) -> None:
+        if self.cache is None:
+            return
+        try:
+            self.cache.put_facts(key, facts)
+        except Exception as exc:  # noqa: BLE001
+            self._disable(exc)
+
     def flush(self) -> None:
         if self.cache is None:
             return
@@ -384,6 +403,7 @@ def iter_features(
     on_skip: Callable[[SkippedFile], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     stats: PipelineStats | None = None,
+    facts: bool = False,
 ) -> Iterator[IndexedFeatures]:
     """Yield the features of every usable file of ``paths``, batch by batch.
 
@@ -408,6 +428,9 @@ def iter_features(
         on_skip: called for each file left out, with the reason.
         on_warning: told about cache problems (the run goes on without it).
         stats: filled in with counts and timings when given.
+        facts: also yield each decoded photo's perceptual hash and capture time
+            (``imgrank cull``). They are computed from the same decode and stored in
+            the cache whenever there is one, so culling after a sort decodes nothing.
 
     Close the generator (or exhaust it) to flush the cache writes of an
     interrupted run: ``with contextlib.closing(iter_features(...)) as stream``.
@@ -433,6 +456,7 @@ def iter_features(
         caching = session is not None and session.active
         want_tokens = tokens or (caching and getattr(encoder, "provides_tokens", True))
         miss_indices = [index for index, _path in misses]
+        with_facts = facts or caching
         for batch in decode_batches(
             [path for _index, path in misses],
             encoder.preprocess,
@@ -442,6 +466,7 @@ def iter_features(
             draft=draft,
             on_skip=skipped,
             stats=stats,
+            with_facts=with_facts,
         ):
             indices = [miss_indices[i] for i in batch.indices]
             started = time.perf_counter()
@@ -455,7 +480,9 @@ def iter_features(
                 features = encoder.encode_pixels(batch.pixels, tokens=False)
             stats.encode_seconds += time.perf_counter() - started
             yield IndexedFeatures(
-                indices, features if tokens else FeatureBatch(pooled=features.pooled)
+                indices,
+                features if tokens else FeatureBatch(pooled=features.pooled),
+                facts=batch.facts if facts else None,
             )
             # Cached once the consumer took the batch: a consumer interrupted while
             # handling it (Ctrl-C in a scorer) leaves it for the next run to redo.
@@ -470,6 +497,9 @@ def iter_features(
                         features.pooled[row],
                         None if features.tokens is None else features.tokens[row],
                     )
+                    found = batch.facts[row] if batch.facts else None
+                    if found is not None:
+                        session.put_facts(key, found)
                 stats.store_seconds += time.perf_counter() - started
     finally:
         if session is not None:

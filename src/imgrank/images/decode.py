@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
+    from imgrank.images.facts import PhotoFacts
+
     from imgrank.models.clip.config import PreprocessConfig
 
 #: Extensions read by Pillow out of the box (compared lower-cased).
@@ -444,9 +446,36 @@ def load_pixels(
     Raises:
         ImageDecodeError: the file cannot be used.
     """
+    return load_pixels_and_facts(path, config, draft=draft, max_pixels=max_pixels, facts=False)[0]
+
+
+def load_pixels_and_facts(
+    path: Path,
+    config: PreprocessConfig,
+    *,
+    draft: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    facts: bool = True,
+) -> tuple[np.ndarray, PhotoFacts | None]:
+    """:func:`load_pixels`, plus the photo's perceptual hash and capture time from the
+    same decode (``imgrank cull`` groups with them; the cache keeps them).
+
+    Facts that cannot be computed are None: they never cost the photo its score.
+
+    Raises:
+        ImageDecodeError: the file cannot be used.
+    """
+    from imgrank.images.facts import photo_facts
+
     min_side = DRAFT_COVERAGE * config.image_size if draft else None
     image = open_image(path, min_side=min_side, max_pixels=max_pixels)
-    return to_normalized_array(resize_for_model(image, config), config)
+    found: PhotoFacts | None = None
+    if facts:
+        try:
+            found = photo_facts(image)
+        except Exception:  # noqa: BLE001 - no hash for this photo; it is still scored
+            found = None
+    return to_normalized_array(resize_for_model(image, config), config), found
 
 
 def iter_supported(paths: list[Path]) -> Iterator[Path]:
