@@ -45,6 +45,9 @@ app.command("sort", cls=ImgrankCommand)(sort_cmd.sort)
 from imgrank.cli import embed_cmd  # noqa: E402
 
 app.command("embed", cls=ImgrankCommand)(embed_cmd.embed)
+from imgrank.cli import cull_cmd  # noqa: E402
+
+app.command("cull", cls=ImgrankCommand)(cull_cmd.cull)
 from imgrank.cli import cache_cmd  # noqa: E402
 
 app.add_typer(cache_cmd.app, name="cache")

@@ -59,8 +59,9 @@ TEMP_PREFIX = ".imgrank-"
 JOURNAL_SUFFIX = ".jsonl"
 
 #: ``sort``: renames into rank order; ``xmp``: XMP sidecar writes (``sort --xmp``);
-#: ``undo``: puts back what a ``sort`` or ``xmp`` run did.
-RunKind = Literal["sort", "undo", "xmp"]
+#: ``cull``: ``cull --move-rejects`` moving photos into another folder;
+#: ``undo``: puts back what a ``sort``, ``xmp`` or ``cull`` run did.
+RunKind = Literal["sort", "undo", "xmp", "cull"]
 #: Where a run's files ended up: ``applied`` (at their targets), ``restored``
 #: (back at their sources) or ``partial`` (some could not be put either way).
 Outcome = Literal["applied", "restored", "partial"]
@@ -225,7 +226,8 @@ class RunRecord:
     Attributes:
         run_id: Unique, sortable id (``YYYYmmdd-HHMMSS-xxxxxx``).
         path: The journal file.
-        kind: ``sort`` (renames into rank order) or ``undo`` (puts back a sort's names).
+        kind: ``sort`` (renames into rank order), ``cull`` (moves the rejects of
+            ``imgrank cull --move-rejects`` into a folder) or ``undo`` (puts back a run's names).
         created: ISO-8601 time the run started (UTC).
         folder: The folder the run was about.
         prompt: The ``--by`` text (empty for undo runs).
@@ -661,7 +663,9 @@ def check_no_unfinished_run(directory: Path | None = None) -> None:
             raise _in_progress_error(run)
         if close_if_restored(run):
             continue  # rolled back completely, only its closing line was missing
-        what = {"sort": "rename", "xmp": "XMP sidecar"}.get(run.kind, "undo")
+        what = {"sort": "rename", "xmp": "XMP sidecar", "cull": "move-rejects"}.get(
+            run.kind, "undo"
+        )
         effect = (
             "some XMP sidecars may hold new values while others do not. Run `imgrank recover` "
             "to give every sidecar its earlier content back"

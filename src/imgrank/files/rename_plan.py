@@ -541,3 +541,74 @@ def describe_plan(plan: RenamePlan, base: Path) -> Iterator[tuple[str, str]]:
         except ValueError:
             old, new = str(item.source), str(item.target)
         yield old, new
+
+
+def plan_moves(
+    paths: list[Path],
+    root: Path,
+    destination: Path,
+    *,
+    scores: list[float] | None = None,
+) -> RenamePlan:
+    """Plan moving ``paths`` into ``destination``, keeping their place under ``root``.
+
+    ``root/a/IMG_1.jpg`` goes to ``destination/a/IMG_1.jpg``, so photos of the same
+    name in different sub-folders stay apart and the move is easy to read back. Used
+    by ``imgrank cull --move-rejects``; the run goes through the same journal as a
+    rename, so ``imgrank undo`` and ``imgrank recover`` put the photos back.
+
+    Raises:
+        UnsafeOperationError: a photo is gone or listed twice, or a target name exists
+            already. Nothing has been changed.
+    """
+    plan = RenamePlan(run_id=new_run_id(), template="(move)")
+    base = absolute_path(root)
+    if base.is_file():
+        base = base.parent
+    out = absolute_path(destination)
+    owner_of_target: dict[tuple[str, str], Path] = {}
+    seen_inodes: dict[tuple[int, int], Path] = {}
+    for index, path in enumerate(absolute_path(p) for p in paths):
+        try:
+            info = os.lstat(path)
+        except OSError as exc:
+            raise UnsafeOperationError(
+                f"{path} cannot be moved ({exc.strerror or exc}: moved or deleted after the "
+                "scan?); nothing was moved"
+            ) from None
+        inode = (info.st_dev, info.st_ino)
+        if inode in seen_inodes:
+            raise UnsafeOperationError(
+                f"{seen_inodes[inode]} and {path} are the same file; nothing was moved"
+            )
+        seen_inodes[inode] = path
+        try:
+            relative = path.relative_to(base)
+        except ValueError:
+            relative = Path(path.name)
+        target = out / relative
+        key = path_key(target)
+        if key in owner_of_target:
+            raise UnsafeOperationError(
+                f"{owner_of_target[key]} and {path} would both be moved to {target} (names are "
+                "compared ignoring case); nothing was moved"
+            )
+        owner_of_target[key] = path
+        if os.path.lexists(target):
+            raise UnsafeOperationError(
+                f"{target} already exists; imgrank never overwrites a file. Nothing was moved: "
+                "choose an empty folder for --move-rejects."
+            )
+        plan.renames.append(
+            PlannedRename(
+                source=path,
+                target=target,
+                rank=index + 1,
+                score=float(scores[index]) if scores is not None else 0.0,
+                original_name=path.name,
+                identity=FileIdentity(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns),
+            )
+        )
+    steps = plan.steps()
+    plan.moves = order_moves([(s.index, s.source, s.target, s.temp) for s in steps], to="target")
+    return plan

@@ -42,6 +42,7 @@ from imgrank.files.journal import (
     JournalError,
     JournalWriter,
     Position,
+    RunKind,
     RunRecord,
     StepRecord,
     check_no_unfinished_run,
@@ -102,6 +103,7 @@ def apply_plan(
     prompt: str = "",
     journal_dir: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
+    kind: RunKind = "sort",
 ) -> RunResult:
     """Execute a plan: journal first, then each rename, reversed on any error.
 
@@ -114,6 +116,7 @@ def apply_plan(
             (a front end holding Ctrl-C off sets it): when true, the run stops
             there and what was done is reversed, as for a KeyboardInterrupt.
             Once the last rename is made the run is completed regardless.
+        kind: What the journal calls the run (``cull`` for ``--move-rejects``).
 
     Raises:
         UnfinishedRunError: an earlier run was interrupted; ``imgrank recover`` first.
@@ -129,7 +132,7 @@ def apply_plan(
     steps = plan.steps()
     writer = JournalWriter.create(
         run_id=plan.run_id,
-        kind="sort",
+        kind=kind,
         folder=absolute_path(folder),
         steps=steps,
         prompt=prompt,
@@ -188,8 +191,9 @@ def _execute(
                 ) from None
             done += 1
             writer.record_moved(move.step, move.to)
-        # Make the new names durable before the journal says the run is complete.
-        _fsync_folders(s.source.parent for s in steps)
+        # Make the new names durable before the journal says the run is complete (the
+        # target folders too: --move-rejects moves files into another folder).
+        _fsync_folders([*(s.source.parent for s in steps), *(s.target.parent for s in steps)])
         writer.finish("completed", "applied")
     except BaseException as exc:
         problems = _settle(steps, "source", writer)
@@ -367,7 +371,7 @@ def undo(
         candidates = [
             r
             for r in runs
-            if r.kind in ("sort", "xmp") and r.outcome == "applied" and r.run_id not in undone
+            if r.kind != "undo" and r.outcome == "applied" and r.run_id not in undone
         ]
         if not candidates:
             raise UnsafeOperationError(
@@ -376,7 +380,7 @@ def undo(
         run = candidates[-1]
     else:
         run = find_run(run_id, journal_dir)
-        if run.kind not in ("sort", "xmp"):
+        if run.kind == "undo":
             raise UnsafeOperationError(
                 f"run {run.run_id} is itself an undo (of {run.undoes}); sort the folder again "
                 "instead"
@@ -454,7 +458,8 @@ def undo(
         )
         for i, (old, ident) in enumerate(kept)
     ]
-    listings = folder_listings({s.source.parent for s in steps})
+    # Sources and targets may be in different folders (a --move-rejects run).
+    listings = folder_listings({s.source.parent for s in steps} | {s.target.parent for s in steps})
     leaving: dict[tuple[str, str], set[str]] = defaultdict(set)
     for s in steps:
         leaving[path_key(s.source)].add(s.source.name)

@@ -25,10 +25,18 @@ import shutil
 import stat
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
 
 from imgrank.errors import OutputWriteError, UnsafeOperationError
 from imgrank.ranking import RankedImage, SkippedFile
+
+if TYPE_CHECKING:
+    from imgrank.culler import CulledPhoto
+
+
+class HasPath(Protocol):
+    @property
+    def path(self) -> Path: ...
 
 OutputFormat = Literal["csv", "jsonl", "paths"]
 FORMATS: tuple[str, ...] = ("csv", "jsonl", "paths")
@@ -69,7 +77,7 @@ def write_jsonl(items: Iterable[RankedImage], stream: BinaryIO) -> None:
     stream.flush()
 
 
-def write_paths(items: Iterable[RankedImage], stream: BinaryIO, *, null: bool = False) -> None:
+def write_paths(items: Iterable[HasPath], stream: BinaryIO, *, null: bool = False) -> None:
     """Only the paths, one per line (or NUL-separated for ``xargs -0``), as raw bytes."""
     separator = b"\0" if null else b"\n"
     for item in items:
@@ -163,6 +171,52 @@ def identities(paths: Iterable[Path]) -> set[tuple[int, int]]:
             continue
         found.add((info.st_dev, info.st_ino))
     return found
+
+
+def write_culling(
+    photos: list[CulledPhoto], stream: BinaryIO, fmt: str = "csv", *, null: bool = False
+) -> None:
+    """Write a culling (``imgrank cull``) in one of :data:`FORMATS`.
+
+    CSV: ``group,rank_in_group,keep,score,path`` (keep is 1 or 0); JSON lines: the same
+    keys, keep as true/false, plus ``captured`` (seconds, camera clock) when known and
+    ``raw`` for a RAW+JPEG pair; paths: the paths in the same order.
+    """
+    if fmt == "csv":
+        text = _text_stream(stream)
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["group", "rank_in_group", "keep", "score", "path"])
+        for photo in photos:
+            writer.writerow(
+                [
+                    photo.group,
+                    photo.rank_in_group,
+                    int(photo.keep),
+                    format_score(photo.score),
+                    str(photo.path),
+                ]
+            )
+        text.flush()
+        text.detach()
+    elif fmt == "jsonl":
+        for photo in photos:
+            record: dict[str, object] = {
+                "group": photo.group,
+                "rank_in_group": photo.rank_in_group,
+                "keep": photo.keep,
+                "score": photo.score,
+                "path": str(photo.path),
+            }
+            if photo.captured is not None:
+                record["captured"] = photo.captured.local
+            if photo.raw is not None:
+                record["raw"] = str(photo.raw)
+            stream.write(json.dumps(record).encode("ascii") + b"\n")
+        stream.flush()
+    elif fmt == "paths":
+        write_paths(photos, stream, null=null)
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
 
 
 def write_errors_csv(skipped: Iterable[SkippedFile], stream: BinaryIO) -> None:

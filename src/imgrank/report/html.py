@@ -303,6 +303,11 @@ li.tile .rank { font-weight: 600; }
 li.tile .score { color: var(--muted); }
 li.tile .name { display: block; white-space: nowrap; overflow: hidden;
   text-overflow: ellipsis; font-size: 12px; }
+h2.burst { font-size: 15px; margin: 20px 0 8px; color: var(--muted); font-weight: 600; }
+ol.grid.burst { grid-template-columns: repeat(auto-fill, minmax(150px, 180px)); }
+li.tile.keep { border: 3px solid var(--accent); padding: 6px; }
+li.tile .badge { color: var(--accent); font-weight: 700; }
+li.tile.reject img { opacity: 0.55; }
 table.skipped { border-collapse: collapse; }
 table.skipped td, table.skipped th { text-align: left; padding: 4px 12px 4px 0;
   border-bottom: 1px solid var(--line); vertical-align: top; overflow-wrap: anywhere; }
@@ -310,7 +315,7 @@ footer { margin-top: 32px; color: var(--muted); font-size: 12px; }
 """.strip()
 
 
-def _tile(item: RankedImage, thumb: Thumbnail, shown: str) -> str:
+def _tile(item: RankedImage, thumb: Thumbnail, shown: str, keep: bool | None = None) -> str:
     escape = html.escape
     name = escape(display_text(shown))
     full = escape(display_text(str(item.path.absolute())))
@@ -329,10 +334,13 @@ def _tile(item: RankedImage, thumb: Thumbnail, shown: str) -> str:
         picture = f'<a class="thumb" href="{escape(uri)}" title="{full}">{picture}</a>'
     else:
         picture = f'<span class="thumb" title="{full}">{picture}</span>'
+    # In a grouped sheet (imgrank cull) the keepers stand out and the others fade.
+    css = "tile" if keep is None else ("tile keep" if keep else "tile reject")
+    badge = '<span class="badge">keep</span>' if keep else ""
     return (
-        f'<li class="tile" id="rank-{item.rank}" data-rank="{item.rank}" '
+        f'<li class="{css}" id="rank-{item.rank}" data-rank="{item.rank}" '
         f'data-score="{escape(repr(float(item.score)))}">{picture}'
-        f'<div class="meta"><span class="rank">#{item.rank}</span>'
+        f'<div class="meta"><span class="rank">#{item.rank}</span>{badge}'
         f'<span class="score">{score_text}</span></div>'
         f'<span class="name" title="{full}">{name}</span></li>\n'
     )
@@ -347,6 +355,7 @@ def render_report(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_progress: Callable[[int], None] | None = None,
+    groups: Sequence[tuple[int, bool]] | None = None,
 ) -> Iterator[str]:
     """The report's HTML, piece by piece (thumbnails are made while it streams).
 
@@ -359,22 +368,35 @@ def render_report(
         workers: thumbnail threads (default: one per core).
         max_pixels: decompression-bomb guard for the originals.
         on_progress: called with the number of thumbnails finished since the last call.
+        groups: ``(group, keep)`` for each item (``imgrank cull``): one row of tiles
+            per group, in the order given, keepers marked; the rank is the rank in
+            the group.
     """
     escape = html.escape
     items = ranking.items
+    if groups is not None and len(groups) != len(items):
+        raise ValueError("groups must give one (group, keep) pair per item")
     if ascending is None:
         ascending = _infer_ascending(items)
     common = _common_folder([item.path for item in items])
     prompt = display_text(ranking.prompt)
     facts = [
         ("Scorer", escape(display_text(ranking.scorer or "unknown"))),
-        ("Order", "lowest score first" if ascending else "highest score first"),
+        (
+            "Order",
+            "groups in capture order, best first in each"
+            if groups is not None
+            else ("lowest score first" if ascending else "highest score first"),
+        ),
         (
             "Shown",
             f"{len(items):,} image{'s' if len(items) != 1 else ''}"
             + (f" (--top {top})" if top is not None else ""),
         ),
     ]
+    if groups is not None:
+        kept = sum(1 for _group, keep in groups if keep)
+        facts.append(("Groups", f"{len({g for g, _k in groups}):,} ({kept:,} photos kept)"))
     if common is not None:
         facts.append(("Folder", escape(display_text(str(common)))))
     if ranking.skipped:
@@ -402,15 +424,33 @@ def render_report(
     )
 
     if items:
-        yield '<ol class="grid">\n'
         use_webp = webp_supported()
 
         def make(path: Path) -> Thumbnail:
             return thumbnail_for(path, thumbnail_size, use_webp=use_webp, max_pixels=max_pixels)
 
         thumbs = _ordered_map(make, (item.path for item in items), workers or os.cpu_count() or 1)
-        for item, thumb in zip(items, thumbs, strict=True):
-            yield _tile(item, thumb, _shown_name(item.path, common))
+        if groups is None:
+            yield '<ol class="grid">\n'
+        sizes: dict[int, int] = {}
+        for group, _keep in groups or ():
+            sizes[group] = sizes.get(group, 0) + 1
+        current: int | None = None
+        for index, (item, thumb) in enumerate(zip(items, thumbs, strict=True)):
+            keep = None
+            if groups is not None:
+                group, keep = groups[index]
+                if group != current:
+                    if current is not None:
+                        yield "</ol>\n"
+                    count = sizes[group]
+                    yield (
+                        f'<h2 class="burst" id="group-{group}">Group {group} '
+                        f"({count} photo{'s' if count != 1 else ''})</h2>\n"
+                        '<ol class="grid burst">\n'
+                    )
+                    current = group
+            yield _tile(item, thumb, _shown_name(item.path, common), keep)
             if on_progress is not None:
                 on_progress(1)
         yield "</ol>\n"
@@ -498,6 +538,7 @@ def write_report(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_progress: Callable[[int], None] | None = None,
+    groups: Sequence[tuple[int, bool]] | None = None,
 ) -> Path:
     """Write the HTML contact sheet of ``ranking`` to ``destination``.
 
@@ -516,6 +557,7 @@ def write_report(
         workers: thumbnail threads (default: one per core).
         max_pixels: decompression-bomb guard for the originals.
         on_progress: called with the number of thumbnails finished since the last call.
+        groups: ``(group, keep)`` per item, for the grouped sheet of ``imgrank cull``.
 
     Returns:
         The path written.
@@ -536,6 +578,7 @@ def write_report(
         workers=workers,
         max_pixels=max_pixels,
         on_progress=on_progress,
+        groups=groups,
     )
     from imgrank.files.atomic import atomic_file
 
