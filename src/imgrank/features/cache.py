@@ -736,12 +736,13 @@ class EmbeddingCache:
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-                self._conn.executemany(
-                    "INSERT OR REPLACE INTO photo_facts"
-                    " (path, size, mtime_ns, inode, version, phash, captured_local,"
-                    " offset_minutes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    facts,
-                )
+                if facts:  # (a cache opened for upkeep may predate the table)
+                    self._conn.executemany(
+                        "INSERT OR REPLACE INTO photo_facts"
+                        " (path, size, mtime_ns, inode, version, phash, captured_local,"
+                        " offset_minutes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        facts,
+                    )
         except sqlite3.OperationalError as exc:
             if not _is_busy(exc):
                 raise CacheError(f"cannot write the embedding cache {self.path}: {exc}") from None
