@@ -165,14 +165,17 @@ def test_paths_jsonl_and_link_give_the_keepers(shoot: Path, tmp_path: Path) -> N
 def test_move_rejects_then_undo_restores_every_file_byte_identical(
     shoot: Path, tmp_path: Path
 ) -> None:
+    for photo in list(shoot.iterdir()):  # each photo has an XMP sidecar with its edits
+        photo.with_name(photo.name + ".xmp").write_text(f"<x:xmpmeta>{photo.name}</x:xmpmeta>")
     before = {p.name: p.read_bytes() for p in shoot.iterdir()}
     rejects = tmp_path / "rejects"
     result = cull(str(shoot), "--by", "image quality", "--move-rejects", str(rejects))
     assert result.exit_code == 0, result.stderr
     table = rows(result.stdout)
     kept = {Path(r["path"]).name for r in table if r["keep"] == "1"}
-    assert {p.name for p in shoot.iterdir()} == kept
-    assert {p.name for p in rejects.iterdir()} == set(before) - kept
+    with_sidecars = kept | {name + ".xmp" for name in kept}  # sidecars go with their photos
+    assert {p.name for p in shoot.iterdir()} == with_sidecars
+    assert {p.name for p in rejects.iterdir()} == set(before) - with_sidecars
     # A second cull of the folder sees only the keepers (nothing was deleted, only moved).
     again = rows(cull(str(shoot), "--by", "image quality").stdout)
     assert {Path(r["path"]).name for r in again} == kept
@@ -248,3 +251,28 @@ def test_bad_options_are_refused_before_any_work(shoot: Path, tmp_path: Path) ->
     result = cull(str(shoot), "--by", "x", "--move-rejects", str(a_file))
     assert result.exit_code != 0
     assert "is a file" in result.stderr
+
+
+def test_xmp_pick_accepts_the_keepers_and_rejects_the_rest_then_undo(shoot: Path) -> None:
+    pytest.importorskip("lxml")
+    from imgrank.files.xmp import Field, read_fields
+
+    pick, rating = Field("digiKam", "PickLabel"), Field("xmp", "Rating")
+    table = rows(cull(str(shoot), "--by", "image quality").stdout)
+    dry = cull(str(shoot), "--by", "image quality", "--xmp", "pick")
+    assert dry.exit_code == 0, dry.stderr
+    assert not list(shoot.glob("*.xmp"))  # a dry run changes nothing
+    assert len(dry.stdout.splitlines()) == len(SHOTS)
+    result = cull(str(shoot), "--by", "image quality", "--xmp", "pick", "--apply")
+    assert result.exit_code == 0, result.stderr
+    for row in table:
+        fields = read_fields(Path(row["path"] + ".xmp").read_bytes(), [pick, rating])
+        if row["keep"] == "1":
+            assert fields[pick] == "3"
+        else:
+            assert (fields[pick], fields[rating]) == ("1", "-1")
+    undo = runner.invoke(app, ["undo", "--last"], catch_exceptions=False)
+    assert undo.exit_code == 0, undo.stderr
+    assert not list(shoot.glob("*.xmp"))
+    refused = cull(str(shoot), "--by", "image quality", "--xmp", "rating")
+    assert refused.exit_code == 2 and "pick" in refused.stderr

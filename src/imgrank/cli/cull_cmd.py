@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 
-from imgrank.cli.common import check_before_writing, err_console, handle_errors, option_given, warn
+from imgrank.cli.common import (
+    StdoutSink,
+    check_before_writing,
+    err_console,
+    handle_errors,
+    option_given,
+    warn,
+)
 from imgrank.cli.options import (
     AdapterOption,
     BatchSizeOption,
@@ -85,6 +91,20 @@ def cull(
         "--report",
         help="Also write an HTML contact sheet to FILE: one row per group, keepers marked.",
     ),
+    xmp: str | None = typer.Option(
+        None,
+        "--xmp",
+        help="pick: show what XMP sidecars would get, keepers accepted and the others rejected "
+        "(on stdout instead of the table); with --apply, write them. See docs/xmp.md.",
+    ),
+    apply: bool = typer.Option(
+        False, "--apply", help="With --xmp: do write the sidecars (undo: `imgrank undo --last`)."
+    ),
+    xmp_sidecar: str = typer.Option(
+        "file",
+        "--xmp-sidecar",
+        help="file: IMG_1.CR2.xmp (darktable, digiKam); stem: IMG_1.xmp (Lightroom, Capture One).",
+    ),
     errors: Path | None = typer.Option(
         None, "--errors", help="Write the skipped files as CSV (path,reason) to FILE."
     ),
@@ -145,8 +165,22 @@ def cull(
         raise UsageError("--paths prints the keepers' paths; it does not combine with --format")
     if null and fmt != "paths" and not paths_only:
         raise UsageError("--null only applies to --format paths or --paths")
+    if xmp is not None and xmp != "pick":
+        raise UsageError(
+            f"cull writes --xmp pick (keepers accepted, the rest rejected), not {xmp!r}; "
+            "ratings and labels by rank are `imgrank sort --xmp`"
+        )
+    if apply and xmp is None:
+        raise UsageError("--apply only applies to --xmp pick")
+    xmp_options = None
+    if xmp is not None:
+        from imgrank.cli.xmp_step import check_xmp_options
+
+        xmp_options = check_xmp_options(xmp, None, None, None, xmp_sidecar)
+    elif xmp_sidecar != "file":
+        raise UsageError("--xmp-sidecar only applies with --xmp")
     targets = (link, copy, output, errors, report, move_rejects)
-    if any(target is not None for target in targets):
+    if any(target is not None for target in targets) or apply:
         check_before_writing()  # no new files while an interrupted rename run is unsettled
     # Refused now, not after minutes of scoring.
     for target in (output, errors):
@@ -198,6 +232,8 @@ def cull(
                 write_errors_csv(skipped, stream)
     culling = cull_features(features, options, keep=keep)
 
+    # A reader of stdout that goes away (| head) does not stop links, moves or sidecars.
+    out = StdoutSink()
     if paths_only:
         shown, shown_fmt = culling.keepers, "paths"
     else:
@@ -205,8 +241,23 @@ def cull(
     if output is not None:
         with atomic_file(output, replace=force) as stream:
             write_culling(shown, stream, shown_fmt, null=null)
-    else:
-        write_culling(shown, sys.stdout.buffer, shown_fmt, null=null)
+    elif xmp_options is None:  # with --xmp, stdout shows the sidecar plan
+        out.write(lambda stream: write_culling(shown, stream, shown_fmt, null=null))
+    if xmp_options is not None:
+        # Before --move-rejects, so each reject's sidecar moves with it.
+        from imgrank.cli.xmp_step import write_sidecars
+        from imgrank.files.xmp_marks import pick_writes
+
+        writes = pick_writes(_as_ranked(culling.keepers), _as_ranked(culling.rejects))
+        write_sidecars(
+            writes,
+            folder,
+            naming=xmp_options.naming,
+            prompt=by,
+            apply=apply,
+            out=out,
+            quiet=quiet,
+        )
 
     keepers = _as_ranked(culling.keepers)
     if link is not None:
@@ -224,6 +275,7 @@ def cull(
     moved = 0
     if move_rejects is not None:
         moved = _move_rejects(culling, folder, move_rejects, prompt=by, quiet=quiet)
+    out.finish("the sidecar plan" if xmp_options is not None else "the culling")
     if interactive:
         err_console.print(
             f"{len(culling.photos)} photo(s) in {culling.groups} group(s), "
@@ -293,6 +345,20 @@ def _check_move_destination(destination: Path, folder: Path) -> None:
         )
 
 
+def _sidecars_of(photo) -> list[Path]:  # type: ignore[no-untyped-def]
+    """The XMP sidecars beside a photo (and its RAW twin) that exist."""
+    found = []
+    for path in (photo.path, photo.raw):
+        if path is None:
+            continue
+        for base in (path.name, path.stem):
+            for suffix in (".xmp", ".XMP"):
+                candidate = path.with_name(base + suffix)
+                if candidate.is_file() and candidate not in found:
+                    found.append(candidate)
+    return found
+
+
 def _move_rejects(culling, folder: Path, destination: Path, *, prompt: str, quiet: bool) -> int:  # type: ignore[no-untyped-def]
     from imgrank.files.rename_plan import plan_moves
     from imgrank.files.renaming import apply_plan
@@ -302,8 +368,16 @@ def _move_rejects(culling, folder: Path, destination: Path, *, prompt: str, quie
         if not quiet:
             err_console.print("nothing to move: every photo is a keeper")
         return 0
-    # A RAW+JPEG pair was judged as one photo and moves as one.
-    files = [(path, p.score) for p in rejects for path in (p.path, p.raw) if path is not None]
+    # A RAW+JPEG pair was judged as one photo and moves as one, with the XMP sidecars
+    # that hold its edits and ratings (IMG_1.CR2.xmp, IMG_1.xmp): nothing is left behind.
+    files: list[tuple[Path, float]] = []
+    for photo in rejects:
+        for path in (photo.path, photo.raw):
+            if path is not None:
+                files.append((path, photo.score))
+        for sidecar in _sidecars_of(photo):
+            if sidecar not in {f for f, _s in files}:
+                files.append((sidecar, photo.score))
     plan = plan_moves(
         [path for path, _score in files], folder, destination, scores=[s for _p, s in files]
     )

@@ -102,13 +102,36 @@ def xmp_after_sort(
         UnsafeOperationError: two photos would share a sidecar with different values,
             or a write failed (what was written has been put back).
     """
-    from imgrank.files.sidecars import apply_sidecar_plan, plan_sidecars
     from imgrank.files.xmp_marks import xmp_writes
 
     writes = xmp_writes(
         items, options.mode, scale=options.scale, top=options.top, label=options.label
     )
-    plan = plan_sidecars(writes, naming=options.naming)
+    write_sidecars(
+        writes, folder, naming=options.naming, prompt=prompt, apply=apply, out=out, quiet=quiet
+    )
+
+
+def write_sidecars(
+    writes: list[tuple[Path, dict[str, str]]],
+    folder: Path,
+    *,
+    naming: str,
+    prompt: str,
+    apply: bool,
+    out: StdoutSink,
+    quiet: bool = False,
+) -> None:
+    """Print the sidecar plan of ``writes`` (file: field old -> new), then maybe write it.
+
+    Shared by ``sort --xmp`` and ``cull --xmp pick``.
+
+    Raises:
+        UnsafeOperationError: as :func:`xmp_after_sort`.
+    """
+    from imgrank.files.sidecars import apply_sidecar_plan, plan_sidecars
+
+    plan = plan_sidecars(writes, naming=naming)
 
     def show_plan(stream: BinaryIO) -> None:
         for change in plan.changes:

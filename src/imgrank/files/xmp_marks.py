@@ -146,17 +146,28 @@ def xmp_writes(
         return writes
     ordered = _best_first(items)
     best = top_count(len(ordered), top)
-    for position, item in enumerate(ordered):
-        if mode == "label":
-            if position < best:
-                writes += [(f, {"xmp:Label": label, "imgrank:Label": label}) for f in item.files]
-        elif position < best:
-            writes += [(f, {"digiKam:PickLabel": PICK_ACCEPTED}) for f in item.files]
-        else:
-            fields = {
-                "digiKam:PickLabel": PICK_REJECTED,
-                "xmp:Rating": RATING_REJECTED,
-                "imgrank:Rating": RATING_REJECTED,
-            }
-            writes += [(f, dict(fields)) for f in item.files]
+    if mode == "pick":
+        return pick_writes(ordered[:best], ordered[best:])
+    for item in ordered[:best]:
+        writes += [(f, {"xmp:Label": label, "imgrank:Label": label}) for f in item.files]
+    return writes
+
+
+def pick_writes(
+    accepted: list[RankedImage], rejected: list[RankedImage]
+) -> list[tuple[Path, dict[str, str]]]:
+    """Pick marks: ``accepted`` photos accepted, ``rejected`` ones rejected (digiKam's
+    pick label, and the rejected rating darktable and Lightroom read). ``sort --xmp pick``
+    accepts its top photos, ``cull --xmp pick`` the keepers of every group.
+    """
+    writes: list[tuple[Path, dict[str, str]]] = []
+    for item in accepted:
+        writes += [(f, {"digiKam:PickLabel": PICK_ACCEPTED}) for f in item.files]
+    for item in rejected:
+        fields = {
+            "digiKam:PickLabel": PICK_REJECTED,
+            "xmp:Rating": RATING_REJECTED,
+            "imgrank:Rating": RATING_REJECTED,
+        }
+        writes += [(f, dict(fields)) for f in item.files]
     return writes
