@@ -110,6 +110,15 @@ def collect_features(
     """
     if request.top is not None or request.ascending:
         raise UsageError("culling ranks every photo best first: --top and --ascending do not apply")
+    if request.engine != "local" or request.paths_from is not None:
+        raise UsageError("imgrank cull reads a folder of photos on the local engine")
+    from imgrank.features.parquet import is_dataset
+
+    if is_dataset(request.folder):
+        raise UsageError(
+            f"{request.folder} is a features dataset written by `imgrank embed`; it stores no "
+            "perceptual hashes or capture times: cull the photo folder itself"
+        )
     callbacks = callbacks or SortCallbacks()
     pooled: dict[Path, np.ndarray] = {}
     facts: dict[Path, PhotoFacts] = {}
