@@ -735,7 +735,9 @@ def test_a_cache_with_damaged_pages_is_one_message_for_upkeep_and_set_aside_by_a
 
     first = runner.invoke(app, sort)
     assert first.exit_code == 0 and first.stdout.count("\n") == 5, first.output
-    assert "malformed" in first.stderr and "moved to" in first.stderr
+    # SQLite's words depend on which page the damage hit ("malformed", or text where an
+    # integer belongs): imgrank's own message is what the user is promised.
+    assert "is damaged" in first.stderr and "moved to" in first.stderr
     asides = [
         p
         for p in tmp_path.iterdir()
@@ -744,4 +746,6 @@ def test_a_cache_with_damaged_pages_is_one_message_for_upkeep_and_set_aside_by_a
     assert len(asides) == 1, sorted(p.name for p in tmp_path.iterdir())
     # Set aside, not deleted (SQLite may have rewritten the pages it could, so no byte check).
     second = runner.invoke(app, sort)
-    assert second.exit_code == 0 and "malformed" not in second.stderr, second.stderr
+    assert second.exit_code == 0 and "cache" not in second.stderr.replace("--cache", ""), (
+        second.stderr
+    )

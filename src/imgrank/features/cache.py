@@ -974,7 +974,9 @@ def _is_damage(exc: sqlite3.DatabaseError) -> bool:
     if name:
         return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
     text = str(exc).lower()
-    return "malformed" in text or "not a database" in text
+    # "Could not decode to UTF-8 column ...": Python's sqlite3 met text in a column imgrank
+    # only ever fills with integers or blobs; only damaged pages read that way.
+    return "malformed" in text or "not a database" in text or "could not decode" in text
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
