@@ -228,8 +228,7 @@ def test_culling_after_a_sort_decodes_nothing_and_regrouping_is_only_grouping(
     def no_decoding(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("a photo was decoded")
 
-    monkeypatch.setattr(decode, "open_image", no_decoding)
-    monkeypatch.setattr("imgrank.features.pipeline.open_image", no_decoding)
+    monkeypatch.setattr(decode, "open_image", no_decoding)  # the one decode (load_pixels)
     request = SortRequest(
         folder=shoot, prompt="image quality", model=str(TINY_MODEL), pretrained="none",
         device="cpu", cache=cache,

@@ -256,7 +256,7 @@ def _read_facts(
     paths: list[Path], max_pixels: int, workers: int | None
 ) -> tuple[dict[Path, PhotoFacts], list[SkippedFile]]:
     """Open photos only for their hash and capture time (a small, draft decode)."""
-    from imgrank.features.pipeline import default_workers
+    from imgrank.features.stream import default_workers
     from imgrank.images.decode import open_image
 
     def read(path: Path) -> PhotoFacts:
