@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,12 @@ class SortRequest:
     #: The ray engine's encode actor pool (None: imgrank.engines.ray.RayOptions defaults).
     ray_actors: int | None = None
     ray_cpus_per_actor: float | None = None
+    #: Keep only images scoring at least this (``--min-score``).
+    min_score: float | None = None
+    #: Example photos to rank by likeness to (``--like``), alone or with ``prompt``.
+    like: list[Path] = field(default_factory=list)
+    #: With both ``prompt`` and ``like``: how much the likeness counts (0 .. 1).
+    like_weight: float = 0.5
 
     def selection(self) -> ModelSelection:
         """The model part of the request, with only what the user gave (None: not given).
@@ -160,7 +167,7 @@ def sort_folder(
         scored, scorer_name = rank_on_ray(request, paths, on_skip=on_skip, callbacks=callbacks)
         return _ranking(
             request, scored, skipped, scorer_name, started, from_cache=0, raw_of=raw_of,
-            skipped_outputs=skipped_outputs,
+            skipped_outputs=skipped_outputs, warn=callbacks.warn,
         )  # fmt: skip
     if any(is_uri(path) for path in paths):
         # The SQLite cache keys files by stat(); objects in a store have no such identity here.
@@ -173,7 +180,13 @@ def sort_folder(
         # Every photo cached: score without building the image tower (and, for zero-shot
         # and heads, without importing open_clip: 1.4 s of a 2.5 s re-sort).
         warm = cache is not None and model.fully_cached(paths, cache)  # type: ignore[arg-type]
-        scorer = model.scorer(request.prompt, request.against, images_cached=warm)
+        scorer = (
+            model.scorer(request.prompt, request.against, images_cached=warm)
+            if request.prompt.strip()
+            else None  # --like alone: _with_likeness makes the scorer
+        )
+        if request.like:
+            scorer = _with_likeness(request, model.image_encoder, scorer, cache, callbacks)
         callbacks.found(len(paths))
         stats = PipelineStats()
         scored = score_images(
@@ -195,7 +208,7 @@ def sort_folder(
             cache.close()  # writes the features still buffered
     return _ranking(
         request, scored, skipped, scorer.name, started, from_cache=stats.cache_hits, raw_of=raw_of,
-        skipped_outputs=skipped_outputs,
+        skipped_outputs=skipped_outputs, warn=callbacks.warn,
     )  # fmt: skip
 
 
@@ -205,8 +218,11 @@ def validate_request(request: SortRequest) -> None:
     Raises:
         UsageError: naming the option to change.
     """
-    if not request.prompt.strip():
-        raise UsageError("--by needs a non-empty prompt, e.g. --by \"image quality\"")
+    if not request.prompt.strip() and not request.like:
+        raise UsageError(
+            'give --by with a non-empty prompt (e.g. --by "image quality"), --like PHOTO, or both'
+        )
+    _check_like(request)
     if request.top is not None and request.top < 1:
         raise UsageError("--top must be at least 1")
     if request.batch_size < 1:
@@ -272,6 +288,7 @@ def _ranking(
     from_cache: int,
     raw_of: dict[Path, Path] | None = None,
     skipped_outputs: list[Path] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Ranking:
     """Order the scores (the same on every engine) into the run's :class:`Ranking`."""
     if not scored:
@@ -280,6 +297,15 @@ def _ranking(
             f"none of the image files in {where} could be read "
             f"({len(skipped)} skipped; see the reasons above)"
         )
+    if request.min_score is not None:
+        kept = [(path, score) for path, score in scored if score >= request.min_score]
+        if not kept:
+            best = max(score for _path, score in scored)
+            (warn or (lambda _message: None))(
+                f"no image scored at least --min-score {request.min_score:g} "
+                f"(the best scored {best:.4f}); the ranking is empty"
+            )
+        scored = kept
     tied = [path for path in tied_paths(scored) if not is_uri(path)]  # type: ignore[arg-type]
     if tied:  # ordered by the names they had before any imgrank rename: see rank_scores
         from imgrank.files.rename_plan import names_before_renames
@@ -379,6 +405,52 @@ def _warn_untrained_prompt(request: SortRequest, warn: Callable[[str], None]) ->
     message = untrained_prompt_warning(load_model_folder(request.adapter), request.prompt)
     if message is not None:
         warn(message)
+
+
+def _check_like(request: SortRequest) -> None:
+    """--like needs image files, a weight between 0 and 1, and the torch zero-shot path."""
+    for example in request.like:
+        if not example.is_file():
+            raise UsageError(f"--like {example}: no such photo")
+    if not 0.0 <= request.like_weight <= 1.0:
+        raise UsageError(f"--like-weight must be between 0 and 1, not {request.like_weight:g}")
+    if request.like and request.adapter is not None:
+        raise UsageError("--like combines with zero-shot --by only, not with --adapter")
+    if request.like and (request.runtime == "onnx" or request.onnx is not None):
+        raise UsageError("--like needs the torch runtime (not --runtime onnx)")
+    if request.like and request.paths_from is None and is_dataset(request.folder):
+        raise UsageError("--like needs photos to compare, not a features dataset")
+    if request.like and request.engine != "local":
+        raise UsageError("--like runs on the local engine only (not --engine ray)")
+
+
+def _with_likeness(
+    request: SortRequest,
+    encoder: Any,
+    by: Any,
+    cache: EmbeddingCache | None,
+    callbacks: SortCallbacks,
+) -> Any:
+    """The scorer for --like: the examples' embeddings, from the run's own encoder and cache."""
+    from imgrank.errors import ImgrankError
+    from imgrank.models.scoring import SimilarityScorer, WeightedScorer
+    from imgrank.training.encoding import encode_images
+
+    examples = encode_images(
+        list(dict.fromkeys(request.like)),
+        encoder,  # type: ignore[arg-type]
+        tokens=False,
+        batch_size=request.batch_size,
+        workers=request.workers,
+        cache=cache,
+    )
+    if examples.failed:
+        path, reason = next(iter(examples.failed.items()))
+        raise ImgrankError(f"--like {path}: {reason}")
+    like = SimilarityScorer(examples.pooled, [p.name for p in request.like])
+    if by is None:
+        return like
+    return WeightedScorer(by, like, request.like_weight)
 
 
 def _nothing_found_message(

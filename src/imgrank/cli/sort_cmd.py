@@ -69,12 +69,12 @@ SourceArgument = Annotated[
     ),
 ]
 ByOption = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--by",
         "-b",
         metavar="TEXT",
-        help='What to sort by, e.g. "image quality".',
+        help='What to sort by, e.g. "image quality" (or rank by --like photos, or both).',
         rich_help_panel=PANEL_RANKING,
     ),
 ]
@@ -83,8 +83,37 @@ ByOption = Annotated[
 @handle_errors
 def sort(
     ctx: typer.Context,
-    by: ByOption,
     source: SourceArgument = None,
+    by: ByOption = None,
+    like: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--like",
+            metavar="PHOTO",
+            help="Rank by likeness to this example photo (repeat for several: their mean); "
+            "alone, or with --by as a weighted sum (--like-weight).",
+            rich_help_panel=PANEL_RANKING,
+        ),
+    ] = None,
+    like_weight: Annotated[
+        float,
+        typer.Option(
+            "--like-weight",
+            metavar="W",
+            help="With --by and --like: how much the likeness counts, 0 to 1 "
+            "(score = (1-W) x by-score + W x (1+cosine)/2).",
+            rich_help_panel=PANEL_RANKING,
+        ),
+    ] = 0.5,
+    min_score: Annotated[
+        float | None,
+        typer.Option(
+            "--min-score",
+            metavar="X",
+            help="Keep only images scoring at least X.",
+            rich_help_panel=PANEL_RANKING,
+        ),
+    ] = None,
     against: Annotated[
         str | None,
         typer.Option(
@@ -470,9 +499,16 @@ def sort(
         if destination is not None:
             check_output_folder(destination, mode, force=force, scanned=folder)  # type: ignore[arg-type]
     exclude = [p for p in (link, copy) if p is not None]
+    if by is None and not like:
+        raise UsageError('give --by TEXT (e.g. --by "image quality"), --like PHOTO, or both')
+    if by is None and against is not None:
+        raise UsageError("--against phrases the opposite of --by; give --by too")
     request = SortRequest(
         folder=folder,
-        prompt=by,
+        prompt=by or "",
+        min_score=min_score,
+        like=list(like or []),
+        like_weight=like_weight,
         against=against,
         model=model,
         pretrained=pretrained,
@@ -558,10 +594,11 @@ def sort(
                 with atomic_file(errors, replace=output_replace(force, inputs)) as stream:
                     write_errors_csv(skipped, stream)
         if rename:  # first, so the ranking, links and copies name the files as they now are
+            described = by or "like " + ", ".join(p.name for p in like or [])
             ranking.items = rename_after_sort(
                 ranking.items,
                 folder,
-                prompt=by,
+                prompt=described,
                 template=name_template,
                 apply=apply,
                 out=out,
@@ -569,7 +606,7 @@ def sort(
             )
         if xmp_options is not None:  # after renaming, so sidecars carry the photos' new names
             xmp_after_sort(
-                ranking.items, folder, xmp_options, prompt=by, apply=apply, out=out, quiet=quiet
+                ranking.items, folder, xmp_options, prompt=by or "", apply=apply, out=out, quiet=quiet
             )
         if output is not None:
             inputs = identities([item.path for item in ranking.items] + [s.path for s in skipped])

@@ -115,3 +115,42 @@ class ZeroShotScorer:
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         return (probs[:, 0] / probs.sum(axis=1)).astype(np.float64)
+
+
+class SimilarityScorer:
+    """Ranks by likeness to example photos (``imgrank sort --like PHOTO``), as image
+    search tools do: the cosine similarity (-1 .. 1) between an image's embedding and
+    the mean of the examples' normalised embeddings."""
+
+    needs_tokens = False
+
+    def __init__(self, examples: np.ndarray, names: list[str]) -> None:
+        """Args:
+        examples: (K, E) pooled embeddings of the example photos.
+        names: their file names (for display).
+        """
+        centre = _l2_normalize(np.asarray(examples, dtype=np.float32)).mean(axis=0)
+        self._centre = _l2_normalize(centre[None, :])[0]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        self.name = f"likeness to {shown}"
+
+    def score(self, batch: FeatureBatch) -> np.ndarray:
+        return (_l2_normalize(batch.pooled) @ self._centre).astype(np.float64)
+
+
+class WeightedScorer:
+    """``--by`` and ``--like`` together: ``(1 - weight) * by + weight * (1 + cos) / 2``.
+
+    The zero-shot score is a probability (0 .. 1); the likeness is mapped from
+    -1 .. 1 to the same range, so ``weight`` says how much each counts.
+    """
+
+    needs_tokens = False
+
+    def __init__(self, by: Scorer, like: SimilarityScorer, weight: float) -> None:
+        self._by, self._like, self._weight = by, like, float(weight)
+        self.name = f"{by.name} and {like.name} (weight {weight:g})"
+
+    def score(self, batch: FeatureBatch) -> np.ndarray:
+        likeness = (1.0 + self._like.score(batch)) / 2.0
+        return (1.0 - self._weight) * self._by.score(batch) + self._weight * likeness
