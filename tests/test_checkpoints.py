@@ -12,21 +12,19 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from imgrank.cli import app
-from imgrank.errors import OutputWriteError, AdapterMismatchError, ModelError, UnsafeOperationError
+from imgrank.errors import AdapterMismatchError, ModelError, OutputWriteError, UnsafeOperationError
 from imgrank.models.adapter import AdapterConfig, RankingAdapter
-from imgrank.models.clip.config import BackboneSpec, PreprocessConfig
+from imgrank.models.authors import import_authors_checkpoint, read_authors_config, shipped_config
 from imgrank.models.checkpoints import (
     ADAPTER_FILE,
     BACKBONE_FILE,
     CONFIG_FILE,
     adapter_token_widths,
-    import_authors_checkpoint,
     load_adapter,
     load_model_folder,
-    read_authors_config,
     save_model_folder,
-    shipped_config,
 )
+from imgrank.models.clip.config import BackboneSpec, PreprocessConfig
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 TINY_MODEL = Path(__file__).parent / "data" / "tiny-clip.json"
@@ -284,7 +282,9 @@ def edit_config(folder: Path, **changes: Any) -> None:
 @pytest.mark.parametrize(
     ("changes", "words"),
     [
-        ({"format_version": 2}, "format version 2 is not supported"),
+        ({"format_version": 3}, "format version 3 is not supported"),
+        ({"kind": "linear-head"}, "lacks 'head'"),
+        ({"kind": "something"}, "unknown kind"),
         (
             {"backbone__pretrained": None, "backbone__weights": "../elsewhere.safetensors"},
             "inside the folder",

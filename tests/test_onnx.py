@@ -370,7 +370,7 @@ def reference_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The authors' vit_tiny checkpoint imported as an imgrank model folder."""
     if not REFERENCE.is_dir():
         pytest.skip(f"reference vectors not found at {REFERENCE}")
-    from imgrank.models.checkpoints import import_authors_checkpoint
+    from imgrank.models.authors import import_authors_checkpoint
 
     out = tmp_path_factory.mktemp("adapter") / "vit_tiny"
     import_authors_checkpoint(REFERENCE / "checkpoint.pt", REFERENCE / "config.json", out)

@@ -1,4 +1,4 @@
-"""imgrank model folders: saving and loading adapters, importing the authors' checkpoints.
+"""imgrank model folders: saving and loading adapters and heads, importing heads.
 
 A model folder is self-describing and never needs unpickling::
 
@@ -7,7 +7,7 @@ A model folder is self-describing and never needs unpickling::
       adapter.safetensors    the adapter's state dict (the authors' keys, no prefix)
       backbone.safetensors   only when the backbone weights are kept in the folder
 
-``config.json`` (``format_version`` 1)::
+``config.json`` (``format_version`` 1 for adapters, 2 for heads)::
 
     {
       "format": "imgrank-adapter",
@@ -27,11 +27,18 @@ A model folder is self-describing and never needs unpickling::
     }
 
 Exactly one of ``backbone.pretrained`` and ``backbone.weights`` is set.
+
+A head folder (``format_version`` 2, written by ``imgrank adapter import FILE
+--model M --pretrained P``) has ``"kind": "linear-head"`` or ``"mlp-head"``,
+``"head": {"kind": ..., "input_dim": E}`` instead of ``"adapter"``, and
+``head.safetensors`` instead of ``adapter.safetensors`` (see
+:mod:`imgrank.models.heads`). Version 1 readers refuse it with "upgrade imgrank".
 Everything here is documented for users in ``docs/adapter.md``.
 
 The small API the rest of imgrank uses: :class:`ModelFolder`,
 :func:`load_model_folder`, :func:`save_model_folder`, :func:`load_adapter`,
-:func:`import_authors_checkpoint`, :func:`shipped_config`.
+:func:`load_head`, :func:`import_head`. The authors' checkpoints are imported by
+:mod:`imgrank.models.authors`.
 """
 
 from __future__ import annotations
@@ -40,16 +47,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgrank.errors import AdapterMismatchError, ModelError
 from imgrank.files.atomic import atomic_folder
 from imgrank.models.clip.config import (
-    OPENAI_MEAN,
-    OPENAI_STD,
-    RANDOM_WEIGHTS,
     BackboneSpec,
     PreprocessConfig,
 )
@@ -58,9 +61,14 @@ if TYPE_CHECKING:
     import torch
 
     from imgrank.models.adapter import AdapterConfig, RankingAdapter
+    from imgrank.models.heads import HeadConfig
 
 FORMAT_NAME = "imgrank-adapter"
 FORMAT_VERSION = 1
+#: Head folders need a reader that knows heads: older imgranks then say "upgrade".
+HEAD_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, HEAD_FORMAT_VERSION)
+HEAD_FILE = "head.safetensors"
 CONFIG_FILE = "config.json"
 ADAPTER_FILE = "adapter.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
@@ -68,10 +76,6 @@ BACKBONE_FILE = "backbone.safetensors"
 #: How prompts are fed to the text tower: ``{}`` is replaced by the user's prompt.
 VERBATIM_PROMPT = "{}"
 
-#: Model configs shipped inside the package (``imgrank/configs/NAME.json``).
-_CONFIG_FOLDER = "configs"
-#: The config of the authors' released checkpoints (object count, image quality, multi-task).
-RELEASED_CONFIG = "convnext_large_d_320-adapter"
 
 # Keys of an authors' model config that describe the adapter or their training,
 # not the CLIP towers.
@@ -84,25 +88,34 @@ class ModelFolder:
 
     Attributes:
         path: The folder.
-        adapter_config: Shape and variant of the adapter.
+        adapter_config: Shape and variant of the adapter (None in a head folder).
         backbone_spec: The backbone to build with :func:`imgrank.models.clip.build.load_backbone`:
             its ``pretrained`` is an open_clip tag, ``none``, or the absolute
             path of the weights file kept in the folder; ``preprocess`` is set.
         prompt_format: ``{}`` is replaced by the prompt (``{}`` alone = verbatim).
         target_range: ``(low, high)`` of the training targets, when known.
         source: Provenance (importer, checkpoint hash, training run), informational.
+        kind: ``adapter``, or a head kind (``linear-head``, ``mlp-head``).
+        head: What the head is, in a head folder.
     """
 
     path: Path
-    adapter_config: AdapterConfig
+    adapter_config: AdapterConfig | None
     backbone_spec: BackboneSpec
     prompt_format: str = VERBATIM_PROMPT
     target_range: tuple[float, float] | None = None
     source: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    kind: str = "adapter"
+    head: HeadConfig | None = None
 
     @property
     def variant(self) -> str:
-        return self.adapter_config.variant
+        """The adapter's variant (``full``...), or the head's kind."""
+        return self.adapter_config.variant if self.adapter_config is not None else self.kind
+
+    @property
+    def head_weights(self) -> Path:
+        return self.path / HEAD_FILE
 
     @property
     def adapter_weights(self) -> Path:
@@ -115,13 +128,10 @@ class ModelFolder:
         return candidate if candidate.is_absolute() and candidate.parent == self.path else None
 
     @property
-    def kind(self) -> str:
-        """``adapter`` (a ranking-aware adapter) or a head kind (``linear-head``, ``mlp-head``)."""
-        return "adapter"
-
-    @property
     def display_name(self) -> str:
         """What scores, as summaries and reports name it."""
+        if self.head is not None:
+            return f"{self.head.label} {self.path.name}"
         return f"ranking adapter {self.path.name} ({self.variant})"
 
     def describe_kind(self) -> str:
@@ -134,74 +144,7 @@ class ModelFolder:
 
 
 # ---------------------------------------------------------------------------
-# shipped configs and the authors' config files
-
-
-def shipped_configs() -> list[str]:
-    """Names of the model configs shipped with imgrank (without ``.json``)."""
-    folder = resources.files("imgrank") / _CONFIG_FOLDER
-    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
-
-
-def shipped_config(name: str) -> dict[str, Any]:
-    """A model config shipped with imgrank, e.g. ``convnext_large_d_320-adapter``.
-
-    ``convnext_large_d_320`` (without ``-adapter``) is accepted too.
-
-    Raises:
-        ModelError: no such shipped config.
-    """
-    stem = name[: -len(".json")] if name.endswith(".json") else name
-    for candidate in (stem, f"{stem}-adapter"):
-        resource = resources.files("imgrank") / _CONFIG_FOLDER / f"{candidate}.json"
-        if resource.is_file():
-            return json.loads(resource.read_text(encoding="utf-8"))
-    raise ModelError(
-        f"{name!r} is neither an existing config file nor a config shipped with imgrank "
-        f"(shipped: {', '.join(shipped_configs())})"
-    )
-
-
-def read_authors_config(config: str | Path) -> tuple[str, dict[str, Any]]:
-    """Read an authors' model config: a JSON file, or the name of a shipped one.
-
-    A reference folder's ``config.json`` (the config under ``model_config``) is accepted.
-
-    Returns:
-        ``(architecture_name, config)``; the name is the file name without
-        ``-adapter.json`` (``convnext_large_d_320-adapter.json`` -> ``convnext_large_d_320``).
-
-    Raises:
-        ModelError: unreadable, or lacking the keys a model needs.
-    """
-    path = Path(config).expanduser()
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model config {path} cannot be read: {exc}") from None
-        label = str(path)
-        stem = path.stem
-        if stem == "config" and path.parent.name:
-            stem = path.parent.name  # a reference folder: name it after the folder
-    else:
-        if path.parent != Path("."):  # a path, not a bare name: the file is just missing
-            raise ModelError(f"model config {path} does not exist")
-        data = shipped_config(str(config))
-        label = f"shipped config {config}"
-        stem = str(config)[: -len(".json")] if str(config).endswith(".json") else str(config)
-    if isinstance(data, dict) and "model_config" in data and "embed_dim" not in data:
-        data = data["model_config"]
-    if not isinstance(data, dict):
-        raise ModelError(f"{label} is not a JSON object")
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg", "adapter_cfg") if k not in data]
-    if missing:
-        raise ModelError(
-            f"{label} lacks {', '.join(missing)}: it is not a ranking-adapter model config "
-            f"(the authors' configs have embed_dim, vision_cfg, text_cfg and adapter_cfg)"
-        )
-    name = stem[: -len("-adapter")] if stem.endswith("-adapter") else stem
-    return name, data
+# what a backbone must be to carry a folder's adapter or head
 
 
 def clip_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -262,22 +205,13 @@ def check_folder_fits(folder: ModelFolder, config: dict[str, Any], *, what: str)
     Raises:
         AdapterMismatchError: naming ``what`` (the backbone as the user called it).
     """
-    check_backbone_fits(config, folder.adapter_config, what=what)
+    if folder.head is not None:
+        from imgrank.models.heads import check_head_fits
 
-
-def _authors_preprocess(config: dict[str, Any]) -> PreprocessConfig:
-    # The authors' inference transform: Resize((S, S)) on a PIL image (bilinear,
-    # antialiased), ToTensor, OpenAI mean/std. No crop.
-    size = config["vision_cfg"].get("image_size", 224)
-    if isinstance(size, (list, tuple)):
-        size = size[0]
-    return PreprocessConfig(
-        image_size=int(size),
-        resize_mode="squash",
-        interpolation="bilinear",
-        mean=OPENAI_MEAN,
-        std=OPENAI_STD,
-    )
+        check_head_fits(config, folder.head, what=what)
+    else:
+        assert folder.adapter_config is not None
+        check_backbone_fits(config, folder.adapter_config, what=what)
 
 
 # ---------------------------------------------------------------------------
@@ -311,17 +245,6 @@ def _shapes(module: Any) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def _clip_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of the CLIP a config builds, without allocating its weights."""
-    import torch
-
-    from imgrank.models.clip.build import build_clip
-
-    with torch.device("meta"):
-        model = build_clip(clip_config(config))
-    return _shapes(model)
-
-
 def load_adapter_state(module: RankingAdapter, state: dict[str, Any], *, source: str) -> None:
     """Load an adapter state dict strictly; the error lists every mismatched key."""
     problems = _mismatches(_shapes(module), state)
@@ -350,6 +273,7 @@ def load_model_folder(path: str | Path) -> ModelFolder:
             that names files outside the folder or formats that would need unpickling.
     """
     from imgrank.models.adapter import AdapterConfig
+    from imgrank.models.heads import HEAD_KINDS, HeadConfig
 
     folder = Path(path).expanduser().resolve()
     config_path = folder / CONFIG_FILE
@@ -367,14 +291,24 @@ def load_model_folder(path: str | Path) -> ModelFolder:
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise _config_error(folder, f'not an imgrank model config (no "format": "{FORMAT_NAME}")')
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise _config_error(
             folder,
             f"format version {version!r} is not supported by this imgrank (it reads version "
-            f"{FORMAT_VERSION}); upgrade imgrank",
+            f"{' and '.join(map(str, READABLE_VERSIONS))}); upgrade imgrank",
         )
     try:
-        adapter_config = AdapterConfig(**data["adapter"])
+        kind = data.get("kind", "adapter")
+        head: HeadConfig | None = None
+        adapter_config: AdapterConfig | None = None
+        if kind in HEAD_KINDS:
+            head = HeadConfig.from_dict(data["head"])
+            if head.kind != kind:
+                raise TypeError(f"kind {kind!r} but head kind {head.kind!r}")
+        elif kind == "adapter":
+            adapter_config = AdapterConfig(**data["adapter"])
+        else:
+            raise TypeError(f"unknown kind {kind!r}")
         backbone = data["backbone"]
         preprocess = PreprocessConfig.from_dict(data["preprocess"])
     except KeyError as exc:
@@ -427,16 +361,19 @@ def load_model_folder(path: str | Path) -> ModelFolder:
         preprocess=preprocess,
         model_config=inline,
     )
-    if inline is not None:
-        check_backbone_fits(inline, adapter_config, what=f"the backbone in {config_path}")
-    return ModelFolder(
+    loaded = ModelFolder(
         path=folder,
         adapter_config=adapter_config,
         backbone_spec=spec,
         prompt_format=prompt_format,
         target_range=target_range,
         source=dict(data.get("source") or {}),
+        kind=kind,
+        head=head,
     )
+    if inline is not None:
+        check_folder_fits(loaded, inline, what=f"the backbone in {config_path}")
+    return loaded
 
 
 def load_adapter(folder: ModelFolder | str | Path, *, device: str = "cpu") -> RankingAdapter:
@@ -453,6 +390,8 @@ def load_adapter(folder: ModelFolder | str | Path, *, device: str = "cpu") -> Ra
 
     if not isinstance(folder, ModelFolder):
         folder = load_model_folder(folder)
+    if folder.adapter_config is None:
+        raise ModelError(f"{folder.path} holds a {folder.kind}, not a ranking adapter")
     weights = folder.adapter_weights
     if not weights.is_file():
         raise ModelError(f"{weights} is missing: the model folder is incomplete")
@@ -484,6 +423,40 @@ def trained_prompts(model: ModelFolder) -> list[str]:
     if not isinstance(prompts, list):
         return []
     return [p for p in prompts if isinstance(p, str)]
+
+
+def _backbone_entry(
+    backbone: BackboneSpec,
+    config: dict[str, Any],
+    name: str,
+    backbone_weights: dict[str, torch.Tensor] | None,
+) -> tuple[dict[str, Any], PreprocessConfig, dict[str, torch.Tensor] | None]:
+    """The ``backbone`` entry of config.json, the preprocessing, and weights to keep in the folder.
+
+    An open_clip tag (or ``none``) is stored as is; a local weights file is
+    read to be copied into the folder; a config given as a JSON path or inline
+    is stored inline.
+    """
+    from imgrank.models.clip.config import default_preprocess
+    from imgrank.models.clip.weights import read_state_dict
+
+    preprocess = backbone.preprocess or default_preprocess(config)
+    by_name = backbone.model_config is None and not Path(backbone.model).expanduser().is_file()
+    entry: dict[str, Any] = {
+        "model": Path(name).stem if not by_name else name,
+        "model_config": None if by_name else clip_config(config),
+        "pretrained": None,
+        "weights": None,
+    }
+    if backbone_weights is None and not backbone.is_random:
+        candidate = Path(backbone.pretrained).expanduser()
+        if candidate.is_file():
+            backbone_weights = read_state_dict(candidate)
+    if backbone_weights is not None:
+        entry["weights"] = BACKBONE_FILE
+    else:
+        entry["pretrained"] = backbone.pretrained
+    return entry, preprocess, backbone_weights
 
 
 def save_model_folder(
@@ -518,29 +491,13 @@ def save_model_folder(
         UnsafeOperationError: ``out`` exists and is not empty.
         AdapterMismatchError: the backbone's tokens do not have the adapter's width.
     """
-    from imgrank.models.clip.config import default_preprocess, resolve_model_config
-    from imgrank.models.clip.weights import read_state_dict
+    from imgrank.models.clip.config import resolve_model_config
 
     if prompt_format.count("{}") != 1:
         raise ModelError('prompt_format must contain "{}" exactly once')
     name, config = resolve_model_config(backbone)
     check_backbone_fits(config, adapter.config, what=f"the backbone {name}")
-    preprocess = backbone.preprocess or default_preprocess(config)
-    by_name = backbone.model_config is None and not Path(backbone.model).expanduser().is_file()
-    entry: dict[str, Any] = {
-        "model": Path(name).stem if not by_name else name,
-        "model_config": None if by_name else clip_config(config),
-        "pretrained": None,
-        "weights": None,
-    }
-    if backbone_weights is None and not backbone.is_random:
-        candidate = Path(backbone.pretrained).expanduser()
-        if candidate.is_file():
-            backbone_weights = read_state_dict(candidate)
-    if backbone_weights is not None:
-        entry["weights"] = BACKBONE_FILE
-    else:
-        entry["pretrained"] = backbone.pretrained
+    entry, preprocess, backbone_weights = _backbone_entry(backbone, config, name, backbone_weights)
     data = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -566,7 +523,108 @@ def save_model_folder(
 
 
 # ---------------------------------------------------------------------------
-# importing the authors' checkpoints
+# heads (LAION aesthetic predictor formats)
+
+
+def load_head(folder: ModelFolder | str | Path) -> torch.nn.Module:
+    """Build the folder's head and load ``head.safetensors`` into it (float32, eval mode).
+
+    Raises:
+        ModelError: not a head folder, or a missing, unreadable or mis-shaped weights file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from imgrank.models.heads import load_head_module
+
+    if not isinstance(folder, ModelFolder):
+        folder = load_model_folder(folder)
+    if folder.head is None:
+        raise ModelError(f"{folder.path} holds a ranking adapter, not a head")
+    weights = folder.head_weights
+    if not weights.is_file():
+        raise ModelError(f"{weights} is missing: the model folder is incomplete")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {weights}: {exc}") from None
+    return load_head_module(folder.head, state, source=str(weights))
+
+
+def looks_like_head(path: str | Path) -> bool:
+    """Whether a weights file's keys are a linear/MLP head's (read without loading its tensors)."""
+    from imgrank.models.clip.weights import WeightsFile
+
+    try:
+        keys = set(WeightsFile(Path(path).expanduser()).shapes)
+    except ModelError:
+        return False  # the importer that runs next words the problem
+    return bool(keys) and (keys == {"weight", "bias"} or all(k.startswith("layers.") for k in keys))
+
+
+def import_head(
+    head_file: str | Path,
+    out: str | Path,
+    *,
+    model: str,
+    pretrained: str,
+    kind: str | None = None,
+) -> ModelFolder:
+    """Turn a LAION-format head file into a model folder on a named backbone.
+
+    The head's kind is detected from its keys (``kind`` forces it); a head
+    whose input width is not the backbone's embedding width is refused. The
+    file is read with ``torch.load(weights_only=True)`` (or safetensors), so a
+    pickle that would run code is refused.
+
+    Args:
+        head_file: ``.pth``/``.pt``/``.bin`` or ``.safetensors`` state dict.
+        out: The folder to create (must not exist or be empty).
+        model: The backbone the head was trained on (open_clip name or config JSON).
+        pretrained: Its weights (an open_clip tag such as ``openai``, a local
+            file, copied into the folder, or ``none``).
+        kind: ``linear-head`` or ``mlp-head`` to skip detection.
+
+    Raises:
+        ModelError: unreadable files, or not a head of the published shapes.
+        AdapterMismatchError: the head's input width is not the backbone's.
+        UnsafeOperationError: ``out`` exists and is not empty.
+    """
+    from imgrank.models.clip.config import resolve_model_config
+    from imgrank.models.clip.weights import read_state_dict
+    from imgrank.models.heads import check_head_fits, detect_head, load_head_module
+
+    head_file = Path(head_file).expanduser()
+    state = read_state_dict(head_file)  # weights_only=True; `state_dict`/`module.` unwrapped
+    head = detect_head(state, kind, source=str(head_file))
+    backbone = BackboneSpec(model=model, pretrained=pretrained)
+    name, config = resolve_model_config(backbone)
+    check_head_fits(config, head, what=f"--model {model}")
+    module = load_head_module(head, state, source=str(head_file))
+    entry, preprocess, backbone_weights = _backbone_entry(backbone, config, name, None)
+    data = {
+        "format": FORMAT_NAME,
+        "format_version": HEAD_FORMAT_VERSION,
+        "kind": head.kind,
+        "head": head.to_dict(),
+        "backbone": entry,
+        "preprocess": preprocess.to_dict(),
+        "prompt_format": VERBATIM_PROMPT,
+        "target_range": None,
+        "source": {
+            "imported_from": head.kind,
+            "file": head_file.name,
+            "sha256": _sha256(head_file),
+        },
+    }
+    out_path = Path(out)
+    with atomic_folder(out_path) as tmp:
+        _save_tensors(module.state_dict(), tmp / HEAD_FILE)
+        if backbone_weights is not None:
+            clip_only = {k: v for k, v in backbone_weights.items() if not k.startswith("adapter.")}
+            _save_tensors(clip_only, tmp / BACKBONE_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return load_model_folder(out_path)
 
 
 def _sha256(path: Path) -> str:
@@ -575,74 +633,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def import_authors_checkpoint(
-    checkpoint: str | Path,
-    config: str | Path = RELEASED_CONFIG,
-    out: str | Path = "",
-    *,
-    model_name: str | None = None,
-) -> ModelFolder:
-    """Turn an authors' checkpoint and model config into a self-contained model folder.
-
-    The checkpoint is a ``.pt`` dict with a ``state_dict`` (keys possibly
-    prefixed ``module.``) holding CLIP and the adapter; it is read with
-    ``torch.load(weights_only=True)``. The folder keeps the CLIP weights
-    (``backbone.safetensors``), the adapter weights, the authors' config
-    inline, their preprocessing (squash-resize to the config's image size,
-    bilinear, OpenAI mean/std) and verbatim prompts.
-
-    Args:
-        checkpoint: The authors' ``.pt`` file.
-        config: Their model config JSON, or the name of a config shipped with
-            imgrank (default: the one of their released checkpoints).
-        out: The folder to create (must not exist or be empty).
-        model_name: Name recorded for the backbone (default: from the config file name).
-
-    Raises:
-        ModelError: unreadable files.
-        AdapterMismatchError: the checkpoint does not match the config; every
-            missing, unexpected or mis-shaped key is listed.
-        UnsafeOperationError: ``out`` exists and is not empty.
-    """
-    from imgrank.models.adapter import AdapterConfig, RankingAdapter
-    from imgrank.models.clip.weights import read_state_dict
-
-    if not str(out):
-        raise ModelError("no output folder given")
-    checkpoint = Path(checkpoint).expanduser()
-    name, model_config = read_authors_config(config)
-    adapter_config = AdapterConfig(**model_config["adapter_cfg"])
-    check_backbone_fits(model_config, adapter_config, what=f"the backbone of {config}")
-
-    state = read_state_dict(checkpoint)  # weights_only=True; `module.` stripped
-    prefix = "adapter."
-    adapter_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    clip_state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    adapter = RankingAdapter(adapter_config)
-    problems = [f"CLIP keys {p}" for p in _mismatches(_clip_shapes(model_config), clip_state)]
-    problems += [
-        f"adapter keys {p}" for p in _mismatches(_shapes(adapter), adapter_state, prefix=prefix)
-    ]
-    if problems:
-        raise AdapterMismatchError(
-            f"{checkpoint} does not match the model config {config}: "
-            + "; ".join(problems)
-            + ". Pass the config the checkpoint was trained with (--config)."
-        )
-    adapter.load_state_dict(adapter_state, strict=True)
-    spec = BackboneSpec(
-        model=model_name or name,
-        pretrained=RANDOM_WEIGHTS,  # replaced by backbone_weights below
-        preprocess=_authors_preprocess(model_config),
-        model_config=clip_config(model_config),
-    )
-    source = {
-        "imported_from": "authors-checkpoint",
-        "checkpoint": checkpoint.name,
-        "checkpoint_sha256": _sha256(checkpoint),
-        "config": Path(str(config)).name,
-        "misc_cfg": model_config.get("misc_cfg", {}),
-    }
-    return save_model_folder(out, adapter, spec, source=source, backbone_weights=clip_state)

@@ -9,6 +9,8 @@ needs to sort without torch:
   ``tokens`` (N, L, W), every context position after ``ln_final``;
 * with an adapter, ``adapter_head.onnx``: ``image_tokens`` (N, P, D) and
   ``text_tokens`` (1 or N, L, D) -> ``scores`` (N,), the regression head;
+* with a linear/MLP head, ``head.onnx``: ``embeddings`` (N, E), the
+  L2-normalised pooled embeddings -> ``scores`` (N,);
 * ``tokenizer.json``: open_clip's CLIP BPE tokenizer for the ``tokenizers``
   library (built here from open_clip's vocabulary and checked to give the
   same ids);
@@ -43,6 +45,7 @@ from imgrank.models.onnx_runtime import (
     ADAPTER_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
+    HEAD_GRAPH_FILE,
     IMAGE_FILE,
     MANIFEST_NAME,
     TEXT_FILE,
@@ -251,6 +254,21 @@ def _adapter_module(adapter: Any) -> torch.nn.Module:
     return AdapterHead().eval()
 
 
+def _head_module(head: Any) -> torch.nn.Module:
+    """A linear/MLP head as a graph: scores (N,) from normalised embeddings (N, E)."""
+    import torch
+
+    class HeadGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = head
+
+        def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+            return self.head(embeddings).reshape(-1)
+
+    return HeadGraph().eval()
+
+
 def _export_graph(
     module: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -370,6 +388,8 @@ def export_backbone(
     *,
     adapter: Any = None,
     adapter_info: dict[str, Any] | None = None,
+    head: Any = None,
+    head_info: dict[str, Any] | None = None,
     opset: int = DEFAULT_OPSET,
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
@@ -382,6 +402,8 @@ def export_backbone(
         out: a new or empty folder.
         adapter: a ``RankingAdapter`` in eval mode, or None.
         adapter_info: what the manifest records about the adapter (name, source...).
+        head: a linear/MLP head module (:mod:`imgrank.models.heads`) in eval mode, or None.
+        head_info: what the manifest records about the head.
         opset: ONNX operator set.
         tolerance: largest accepted relative drift from torch.
         seed: seed of the random parity inputs.
@@ -413,6 +435,8 @@ def export_backbone(
             work,
             adapter=adapter,
             adapter_info=adapter_info,
+            head=head,
+            head_info=head_info,
             opset=opset,
             tolerance=tolerance,
             seed=seed,
@@ -428,6 +452,8 @@ def _export_into(
     *,
     adapter: Any,
     adapter_info: dict[str, Any] | None,
+    head: Any,
+    head_info: dict[str, Any] | None,
     opset: int,
     tolerance: float,
     seed: int,
@@ -536,27 +562,27 @@ def _export_into(
             )
         say("adapter head")
         adapter = adapter.eval()
-        head_path = work / ADAPTER_FILE
+        adapter_path = work / ADAPTER_FILE
         image_tokens = reference.tokens
         assert image_tokens is not None
         prompt_tokens = text_ref.tokens[:1]
         _export_graph(
             _adapter_module(adapter),
             (image_tokens[:2].contiguous(), prompt_tokens.contiguous()),
-            head_path,
+            adapter_path,
             # One prompt for the whole batch (1, L, D) or one per image (N, L, D).
             inputs={"image_tokens": {0: "batch"}, "text_tokens": {0: "prompts"}},
             outputs={"scores": {0: "batch"}},
             opset=opset,
         )
-        head = session(head_path)
+        adapter_session = session(adapter_path)
         measured = {}
         # Real tokens of the random pixels and of a prompt, then random tokens of the same scale.
         noisy_image = image_tokens + torch.randn_like(image_tokens) * image_tokens.std()
         for label, img in (("adapter.scores", image_tokens), ("adapter.scores_noise", noisy_image)):
             with torch.no_grad():
                 expected = adapter.score(img, prompt_tokens).reshape(-1).numpy()
-            (scores,) = head.run(
+            (scores,) = adapter_session.run(
                 ["scores"],
                 {
                     "image_tokens": img.numpy().astype(np.float32),
@@ -568,8 +594,40 @@ def _export_into(
         drift.update(measured)
         files["adapter"] = {
             "path": ADAPTER_FILE,
-            "sha256": _file_digest(head_path),
+            "sha256": _file_digest(adapter_path),
             "inputs": ["image_tokens", "text_tokens"],
+            "outputs": ["scores"],
+        }
+
+    if head is not None:
+        say("head")
+        head = head.eval()
+        head_path = work / HEAD_GRAPH_FILE
+        pooled_ref = reference.pooled.float()
+        normalized = pooled_ref / pooled_ref.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        _export_graph(
+            _head_module(head),
+            (normalized[:2].contiguous(),),
+            head_path,
+            inputs={"embeddings": {0: "batch"}},
+            outputs={"scores": {0: "batch"}},
+            opset=opset,
+        )
+        runner = session(head_path)
+        noise = torch.randn_like(normalized)
+        noise = noise / noise.norm(dim=-1, keepdim=True)
+        measured = {}
+        for label, rows in (("head.scores", normalized), ("head.scores_noise", noise)):
+            with torch.no_grad():
+                expected = head(rows).reshape(-1).numpy()
+            (scores,) = runner.run(["scores"], {"embeddings": rows.numpy().astype(np.float32)})
+            measured[label] = relative_drift(scores, expected)
+        _check_drift("head", measured, tolerance)
+        drift.update(measured)
+        files["head"] = {
+            "path": HEAD_GRAPH_FILE,
+            "sha256": _file_digest(head_path),
+            "inputs": ["embeddings"],
             "outputs": ["scores"],
         }
 
@@ -590,6 +648,7 @@ def _export_into(
         "image_tokens": has_tokens,
         "files": files,
         "adapter": adapter_info if adapter is not None else None,
+        "head": head_info if head is not None else None,
         "opset": opset,
         "parity": {"tolerance": tolerance, "drift": drift},
     }
@@ -621,8 +680,8 @@ def export_model(
             ``adapter_dir`` the folder's own backbone (when given it must be the
             architecture the adapter was trained on).
         pretrained: Weights tag or file; None as for ``model``.
-        adapter_dir: An imgrank model folder whose adapter is exported too; its
-            backbone and preprocessing are used unless overridden.
+        adapter_dir: An imgrank model folder whose adapter (or linear/MLP head)
+            is exported too; its backbone and preprocessing are used unless overridden.
         opset: ONNX operator set.
         tolerance: Largest accepted relative drift from torch.
         warn: Called with messages the user must see (random weights...).
@@ -641,6 +700,25 @@ def export_model(
     folder = ranking.folder
     if folder is None:
         return export_backbone(backbone, out, opset=opset, tolerance=tolerance, progress=progress)
+    if folder.head is not None:
+        from imgrank.models.checkpoints import load_head
+
+        head_info = {
+            "name": folder.path.name,
+            "kind": folder.head.kind,
+            "input_dim": folder.head.input_dim,
+            "backbone": folder.backbone_spec.model,
+            "source": folder.source,
+        }
+        return export_backbone(
+            backbone,
+            out,
+            head=load_head(folder),
+            head_info=head_info,
+            opset=opset,
+            tolerance=tolerance,
+            progress=progress,
+        )
     from imgrank.models.checkpoints import load_adapter
 
     info = {

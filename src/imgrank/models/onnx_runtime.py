@@ -54,6 +54,7 @@ FORMAT_NAME = "imgrank-onnx"
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
 ADAPTER_FILE = "adapter_head.onnx"
+HEAD_GRAPH_FILE = "head.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
 #: CLIP caps its temperature at 100; the torch path does the same.
