@@ -50,25 +50,25 @@ PROMPT_WARM = "a sharp photo of a person"  # a new prompt: nothing of the cold r
 _GRAIN = None
 
 
-def _grain_field(seed: int):
+def _grain_field(seed: int, width: int = WIDTH, height: int = HEIGHT):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    shape = (HEIGHT + 64, WIDTH + 64)
+    shape = (height + 64, width + 64)
     # Luminance grain (sigma 5) plus weaker colour noise (sigma 2.5), as a camera at ISO ~800.
     luminance = rng.normal(0, 5, (*shape, 1)).astype(np.float32)
     chroma = rng.normal(0, 2.5, (*shape, 3)).astype(np.float32)
     return np.clip(luminance + chroma, -127, 127).astype(np.int8)
 
 
-def _make_one(job: tuple[int, str, str, int]) -> int:
+def _make_one(job: tuple[int, str, str, int, int, int]) -> int:
     import numpy as np
     from PIL import Image, ImageEnhance, ImageOps
 
     global _GRAIN
-    index, source, target, seed = job
-    if _GRAIN is None:
-        _GRAIN = _grain_field(seed)
+    index, source, target, seed, width, height = job
+    if _GRAIN is None or _GRAIN.shape[:2] != (height + 64, width + 64):
+        _GRAIN = _grain_field(seed, width, height)
     rng = np.random.default_rng(seed * 100_003 + index)
     image = Image.open(source).convert("RGB")
     if index % 2:
@@ -79,21 +79,23 @@ def _make_one(job: tuple[int, str, str, int]) -> int:
     left, top = int(rng.uniform(0, w - cw)), int(rng.uniform(0, h - ch))
     image = image.crop((left, top, left + cw, top + ch))
     image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
-    image = image.resize((WIDTH, HEIGHT), Image.Resampling.BICUBIC)
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
     pixels = np.asarray(image, dtype=np.int16)
     dy, dx = rng.integers(0, 64, 2)
-    pixels = pixels + _GRAIN[dy : dy + HEIGHT, dx : dx + WIDTH]
+    pixels = pixels + _GRAIN[dy : dy + height, dx : dx + width]
     out = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     out.save(target, quality=QUALITY)  # 4:2:0 chroma subsampling, as cameras write
     return Path(target).stat().st_size
 
 
-def make_inputs(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """``count`` 12 MP grainy JPEGs in ``folder``, reused when already there."""
+def make_inputs(
+    folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (WIDTH, HEIGHT)
+) -> list[Path]:
+    """``count`` grainy JPEGs (12 MP unless ``size``) in ``folder``, reused when already there."""
     sources = next((sorted(d.glob("*.jpg")) for d in SOURCES if d.is_dir()), [])
     if not sources:
         raise SystemExit(f"no source photos in {' or '.join(map(str, SOURCES))}")
-    spec = {"count": count, "size": [WIDTH, HEIGHT], "quality": QUALITY, "seed": seed, "v": 1}
+    spec = {"count": count, "size": list(size), "quality": QUALITY, "seed": seed, "v": 1}
     marker = folder / "inputs.json"
     paths = [folder / f"photo-{i:04d}.jpg" for i in range(count)]
     if (
@@ -105,7 +107,9 @@ def make_inputs(folder: Path, count: int, seed: int = 0) -> list[Path]:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    jobs = [(i, str(sources[i % len(sources)]), str(p), seed) for i, p in enumerate(paths)]
+    jobs = [
+        (i, str(sources[i % len(sources)]), str(p), seed, *size) for i, p in enumerate(paths)
+    ]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         list(pool.map(_make_one, jobs, chunksize=4))

@@ -59,6 +59,7 @@ def score_images(
     draft: bool = True,
     stats: PipelineStats | None = None,
     on_features: FeatureListener | None = None,
+    decode_device: str | None = None,
 ) -> list[tuple[Path, float]]:
     """Score every image of ``paths``; unusable files go to ``on_skip``.
 
@@ -94,6 +95,7 @@ def score_images(
         workers=workers,
         max_pixels=max_pixels,
         draft=draft,
+        decode_device=decode_device,
         on_skip=skipped,
         on_warning=on_warning,
         stats=stats,

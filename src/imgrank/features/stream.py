@@ -134,7 +134,8 @@ class DecodedBatch:
     """
 
     paths: list[Path]
-    pixels: np.ndarray
+    #: (N, 3, S, S) float32 numpy, or a torch tensor on the device (decode_batches(device=...)).
+    pixels: Any
     indices: list[int] = field(default_factory=list)
     #: Hash and capture time of each image, from the same decode (``with_facts``).
     facts: list[PhotoFacts | None] = field(default_factory=list)
@@ -200,6 +201,8 @@ def decode_batches(
     on_skip: Callable[[SkippedFile], None] | None = None,
     stats: PipelineStats | None = None,
     with_facts: bool = False,
+    device: str | None = None,
+    dtype: Any = None,
 ) -> Iterator[DecodedBatch]:
     """Decode images in a thread pool and yield them in input order, batch by batch.
 
@@ -207,6 +210,11 @@ def decode_batches(
     consumer, so a folder of 100,000 photos needs no more memory than one of 100.
     The first batch holds only ``2 * workers`` images, so the model starts early.
     A file that cannot be used is reported through ``on_skip`` and left out.
+
+    With ``device`` (a torch device, e.g. ``cuda``) the threads only read JPEG
+    bytes and each batch is decoded on that device in ``dtype``, as a torch
+    tensor there (:mod:`imgrank.images.gpu_decode`); other files are decoded
+    in the threads on the CPU.
     """
     workers = workers or default_workers()
     in_flight_limit = max(2 * batch_size, workers)
@@ -214,21 +222,45 @@ def decode_batches(
     # of a whole batch's worth (about half a second of an idle model on 2 cores).
     wanted = max(1, min(batch_size, 2 * workers))
 
-    def decode(path: Path) -> tuple[np.ndarray, PhotoFacts | None, float]:
-        started = time.thread_time()
+    def decode_with_facts(path: Path) -> tuple[np.ndarray, PhotoFacts | None]:
         _count_decode(+1)
         try:
-            pixels, facts = load_pixels_and_facts(
+            return load_pixels_and_facts(
                 path, preprocess, draft=draft, max_pixels=max_pixels, facts=with_facts
             )
         finally:
             _count_decode(-1)
-        return pixels, facts, time.thread_time() - started
 
-    pending: deque[tuple[int, Path, Future[tuple[np.ndarray, PhotoFacts | None, float]]]] = deque()
+    def cpu_decode(path: Path) -> np.ndarray:
+        return decode_with_facts(path)[0]
+
+    if device is None:
+        prepare: Callable[[Path], Any] = decode_with_facts
+        assemble: Callable[[DecodedBatch], DecodedBatch] = _stack_on_cpu
+    else:
+        # The device decoder gives no facts (hashes, capture times): callers that
+        # need them decode on the CPU (see iter_features).
+        from functools import partial
+
+        from imgrank.images import gpu_decode
+
+        def prepare(path: Path) -> Any:
+            return gpu_decode.prepare_for_device(path, cpu_decode, max_pixels), None
+
+        assemble = partial(
+            _assemble_on_device, preprocess=preprocess, device=device, dtype=dtype,
+            cpu_decode=cpu_decode, on_skip=on_skip,
+        )  # fmt: skip
+
+    def decode(path: Path) -> tuple[Any, PhotoFacts | None, float]:
+        started = time.thread_time()
+        item, facts = prepare(path)
+        return item, facts, time.thread_time() - started
+
+    pending: deque[tuple[int, Path, Future[tuple[Any, PhotoFacts | None, float]]]] = deque()
     batch_indices: list[int] = []
     batch_paths: list[Path] = []
-    batch_pixels: list[np.ndarray] = []
+    batch_pixels: list[Any] = []
     batch_facts: list[PhotoFacts | None] = []
     source = enumerate(paths)
     # Not a `with` block: its exit waits for the decodes running, and one file can take
@@ -269,11 +301,17 @@ def decode_batches(
                 stats.wait_seconds += time.perf_counter() - waited
             refill()
             if len(batch_paths) == wanted:
-                yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices, batch_facts)
+                batch = assemble(
+                    DecodedBatch(batch_paths, batch_pixels, batch_indices, batch_facts)
+                )
+                if batch.paths:
+                    yield batch
                 batch_indices, batch_paths, batch_pixels, batch_facts = [], [], [], []
                 wanted = batch_size
         if batch_paths:
-            yield DecodedBatch(batch_paths, np.stack(batch_pixels), batch_indices, batch_facts)
+            batch = assemble(DecodedBatch(batch_paths, batch_pixels, batch_indices, batch_facts))
+            if batch.paths:
+                yield batch
         finished = True
     finally:
         # Interrupted (Ctrl-C, an error in the consumer): do not decode the rest, and
@@ -281,6 +319,49 @@ def decode_batches(
         for _index, _path, future in pending:
             future.cancel()
         pool.shutdown(wait=finished, cancel_futures=True)
+
+
+def _stack_on_cpu(batch: DecodedBatch) -> DecodedBatch:
+    batch.pixels = np.stack(batch.pixels)
+    return batch
+
+
+def _assemble_on_device(
+    batch: DecodedBatch,
+    *,
+    preprocess: PreprocessConfig,
+    device: str,
+    dtype: Any,
+    cpu_decode: Callable[[Path], np.ndarray],
+    on_skip: Callable[[SkippedFile], None] | None,
+) -> DecodedBatch:
+    """Decode a batch's JPEG bytes on the device; files no decoder takes are skipped."""
+    from imgrank.images.gpu_decode import device_batch
+
+    pixels, kept, failures = device_batch(
+        batch.pixels, preprocess, device=device, dtype=dtype, cpu_decode=cpu_decode
+    )
+    for position, reason in failures:
+        if on_skip is not None:
+            on_skip(SkippedFile(batch.paths[position], reason))
+    return DecodedBatch(
+        [batch.paths[i] for i in kept],
+        pixels,
+        [batch.indices[i] for i in kept],
+        [batch.facts[i] for i in kept] if batch.facts else [],
+    )
+
+
+def device_decoding(encoder: ImageEncoder) -> tuple[str, Any] | None:
+    """``(device, dtype)`` to decode on for an encoder that runs on CUDA, else None.
+
+    A GPU decodes JPEGs (nvJPEG) far faster than the CPU threads could feed it;
+    on the CPU the threads' draft decoding is the fast path.
+    """
+    device = getattr(encoder, "device", None)
+    if isinstance(device, str) and device.startswith("cuda") and hasattr(encoder, "dtype"):
+        return device, encoder.dtype
+    return None
 
 
 def cache_fingerprint(encoder: ImageEncoder) -> str:
@@ -404,6 +485,7 @@ def iter_features(
     on_warning: Callable[[str], None] | None = None,
     stats: PipelineStats | None = None,
     facts: bool = False,
+    decode_device: str | None = None,
 ) -> Iterator[IndexedFeatures]:
     """Yield the features of every usable file of ``paths``, batch by batch.
 
@@ -457,6 +539,13 @@ def iter_features(
         want_tokens = tokens or (caching and getattr(encoder, "provides_tokens", True))
         miss_indices = [index for index, _path in misses]
         with_facts = facts or caching
+        # On CUDA (or with decode_device, as tests force it) JPEGs are decoded on the device.
+        # (The device decoder gives no facts: runs that need them decode on the CPU.)
+        on_device = None if with_facts else (
+            device_decoding(encoder)
+            if decode_device is None
+            else (decode_device, getattr(encoder, "dtype", None))
+        )
         for batch in decode_batches(
             [path for _index, path in misses],
             encoder.preprocess,
@@ -467,6 +556,8 @@ def iter_features(
             on_skip=skipped,
             stats=stats,
             with_facts=with_facts,
+            device=None if on_device is None else on_device[0],
+            dtype=None if on_device is None else on_device[1],
         ):
             indices = [miss_indices[i] for i in batch.indices]
             started = time.perf_counter()

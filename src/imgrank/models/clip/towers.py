@@ -117,7 +117,9 @@ class Backbone:
 
         from imgrank.models.scoring import FeatureBatch
 
-        features = self.encode_images(torch.from_numpy(pixels), tokens=tokens)
+        # Pixels decoded on the device (imgrank.images.gpu_decode) arrive as a tensor there.
+        tensor = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
+        features = self.encode_images(tensor, tokens=tokens)
         return FeatureBatch(
             pooled=features.pooled.float().cpu().numpy(),
             tokens=None if features.tokens is None else features.tokens.float().cpu().numpy(),
