@@ -26,7 +26,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgrank.models.clip.config import BackboneSpec, PreprocessConfig, default_preprocess
+from imgrank.models.clip.config import (
+    BackboneSpec,
+    PreprocessConfig,
+    default_preprocess,
+    named_model_config,
+    open_clip_folder,
+)
 from imgrank.models.clip.towers import features_fingerprint
 from imgrank.models.clip.weights import remembered_weights, weights_identity
 
@@ -48,23 +54,8 @@ _PLAIN_TEXT_KEYS = {
 _NEUTRAL_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale"}
 
 
-def _open_clip_folder() -> Path | None:
-    """open_clip's package folder, found without importing the package."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _named_config(name: str) -> dict[str, Any] | None:
-    """open_clip's config for a model name, read from its JSON file (open_clip not imported)."""
-    folder = _open_clip_folder()
-    if folder is None:
-        return None
-    path = folder / "model_configs" / f"{name}.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+_open_clip_folder = open_clip_folder
+_named_config = named_model_config
 
 
 def _tokenizer_module() -> Any:
