@@ -14,22 +14,22 @@ from imgrank.cli import app
 runner = CliRunner()
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
+def _every_command() -> list[tuple[str, ...]]:
+    """Every command, as typed, read from the app itself so a new command cannot be missed."""
+    group = typer.main.get_command(app)
+    ctx = group.make_context("imgrank", ["--help"], resilient_parsing=True)
+    paths: list[tuple[str, ...]] = []
+    for name in sorted(group.list_commands(ctx)):  # type: ignore[attr-defined]
+        command = group.get_command(ctx, name)  # type: ignore[attr-defined]
+        if hasattr(command, "list_commands"):  # a group such as `cache` or `adapter`
+            paths += [(name, sub) for sub in sorted(command.list_commands(ctx))]
+        else:
+            paths.append((name,))
+    return paths
+
+
 #: Every command, as typed.
-COMMANDS = [
-    ("sort",),
-    ("embed",),
-    ("train",),
-    ("eval",),
-    ("export",),
-    ("adapter", "import"),
-    ("adapter", "info"),
-    ("cache", "info"),
-    ("cache", "prune"),
-    ("cache", "clear"),
-    ("runs",),
-    ("undo",),
-    ("recover",),
-]
+COMMANDS = _every_command()
 
 
 def _command(path: tuple[str, ...]):  # type: ignore[no-untyped-def]

@@ -17,18 +17,33 @@ from imgrank.cli.common import (
 )
 from imgrank.cli.options import (
     AdapterOption,
+    AgainstOption,
     BatchSizeOption,
     CacheOption,
     DeviceOption,
+    ErrorsOption,
+    IncludeHiddenOption,
+    MaxPixelsOption,
     ModelOption,
     NoCacheOption,
+    NullOption,
+    OnnxOption,
+    OutputFormat,
+    OutputOption,
     PretrainedOption,
+    ProvidersOption,
     QuietOption,
+    RawPairs,
+    RawPairsOption,
+    RecursiveOption,
+    Runtime,
+    RuntimeOption,
     WorkersOption,
+    XmpSidecar,
+    XmpSidecarOption,
 )
 from imgrank.errors import UnsafeOperationError, UsageError
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE
-from imgrank.files.writers import FORMATS
 from imgrank.grouping import DEFAULT_GAP, DEFAULT_HASH_SURE
 from imgrank.images.decode import DEFAULT_MAX_PIXELS
 from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
@@ -39,13 +54,12 @@ from imgrank.ranking import SkippedFile
 def cull(
     ctx: typer.Context,
     folder: Path = typer.Argument(..., help="Folder of photos (scanned recursively)."),
-    by: str = typer.Option(..., "--by", "-b", help='What to sort by, e.g. "image quality".'),
-    against: str | None = typer.Option(
-        None, "--against", help="Zero-shot only: the negative phrasing, used verbatim."
-    ),
+    by: str = typer.Option(..., "--by", "-b", metavar="TEXT", help='What to sort by, e.g. "image quality".'),
+    against: AgainstOption = None,
     gap: float = typer.Option(
         DEFAULT_GAP,
         "--gap",
+        metavar="SECONDS",
         min=0.0,
         help="Seconds between two shots that may still be one burst (EXIF capture times). "
         "Photos without a capture time are grouped by look alone.",
@@ -53,61 +67,55 @@ def cull(
     hash_bits: int = typer.Option(
         DEFAULT_HASH_SURE,
         "--hash-bits",
+        metavar="N",
         min=0,
         max=64,
         help="Perceptual-hash bits (of 64) under which two photos look alike for sure; "
         "lower splits more. See docs/cull.md.",
     ),
-    keep: int = typer.Option(1, "--keep", min=1, help="Best photos kept per group."),
-    fmt: str = typer.Option(
-        "csv",
+    keep: int = typer.Option(1, "--keep", metavar="N", min=1, help="Best photos kept per group."),
+    fmt: OutputFormat = typer.Option(
+        OutputFormat.csv,
         "--format",
         "-f",
-        help="Output format: csv (group,rank_in_group,keep,score,path), jsonl, or paths.",
+        help="csv (columns group, rank_in_group, keep, score, path), jsonl, or paths only.",
     ),
     paths_only: bool = typer.Option(
         False, "--paths", help="Print only the keepers' paths, one per line (for pipelines)."
     ),
-    output: Path | None = typer.Option(
-        None, "--output", "-o", help="Write the table to FILE instead of stdout."
-    ),
-    null: bool = typer.Option(
-        False, "--null", "-0", help="With --format paths or --paths: separate paths with NUL."
-    ),
+    output: OutputOption = None,
+    null: NullOption = False,
     link: Path | None = typer.Option(
-        None, "--link", help="Also create symlinks to the keepers (0001_name.jpg, ...) in DIR."
+        None, "--link", metavar="DIR", help="Also create symlinks to the keepers (0001_name.jpg, ...) in DIR."
     ),
     copy: Path | None = typer.Option(
-        None, "--copy", help="Also copy the keepers (0001_name.jpg, ...) into DIR."
+        None, "--copy", metavar="DIR", help="Also copy the keepers (0001_name.jpg, ...) into DIR."
     ),
     move_rejects: Path | None = typer.Option(
         None,
         "--move-rejects",
+        metavar="DIR",
         help="Move every photo that is not kept into DIR (same sub-folders; same file "
         "system). Journalled: `imgrank undo --last` puts them back. Nothing is deleted.",
     ),
     report: Path | None = typer.Option(
         None,
         "--report",
+        metavar="FILE",
         help="Also write an HTML contact sheet to FILE: one row per group, keepers marked.",
     ),
     xmp: str | None = typer.Option(
         None,
         "--xmp",
+        metavar="pick",
         help="pick: show what XMP sidecars would get, keepers accepted and the others rejected "
         "(on stdout instead of the table); with --apply, write them. See docs/xmp.md.",
     ),
     apply: bool = typer.Option(
         False, "--apply", help="With --xmp: do write the sidecars (undo: `imgrank undo --last`)."
     ),
-    xmp_sidecar: str = typer.Option(
-        "file",
-        "--xmp-sidecar",
-        help="file: IMG_1.CR2.xmp (darktable, digiKam); stem: IMG_1.xmp (Lightroom, Capture One).",
-    ),
-    errors: Path | None = typer.Option(
-        None, "--errors", help="Write the skipped files as CSV (path,reason) to FILE."
-    ),
+    xmp_sidecar: XmpSidecarOption = XmpSidecar.file,
+    errors: ErrorsOption = None,
     force: bool = typer.Option(
         False, "--force", help="Allow --output/--errors/--report to replace an existing file."
     ),
@@ -117,26 +125,16 @@ def cull(
     device: DeviceOption = "auto",
     batch_size: BatchSizeOption = DEFAULT_BATCH_SIZE,
     workers: WorkersOption = None,
-    recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Scan sub-folders too."),
-    include_hidden: bool = typer.Option(
-        False, "--include-hidden", help="Also cull files and folders whose name starts with a dot."
-    ),
-    max_pixels: int = typer.Option(
-        DEFAULT_MAX_PIXELS, "--max-pixels", help="Skip images larger than this (decompression bombs)."
-    ),
+    recursive: RecursiveOption = True,
+    include_hidden: IncludeHiddenOption = False,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     quiet: QuietOption = False,
     cache: CacheOption = None,
     no_cache: NoCacheOption = False,
-    runtime: str | None = typer.Option(None, "--runtime", help="torch, or onnx (see docs/onnx.md)."),
-    onnx: Path | None = typer.Option(
-        None, "--onnx", help="With --runtime onnx: a folder written by `imgrank export`."
-    ),
-    providers: str | None = typer.Option(
-        None, "--providers", help="onnxruntime providers in order, e.g. cuda,cpu."
-    ),
-    raw_pairs: str = typer.Option(
-        "pair", "--raw-pairs", help="pair: a RAW+JPEG pair is one photo, moved together; separate."
-    ),
+    runtime: RuntimeOption = None,
+    onnx: OnnxOption = None,
+    providers: ProvidersOption = None,
+    raw_pairs: RawPairsOption = RawPairs.pair,
 ) -> None:
     """Group the photos of FOLDER into bursts and keep the best of each by --by.
 
@@ -159,8 +157,7 @@ def cull(
     from imgrank.grouping import GroupingOptions
     from imgrank.sorter import SortCallbacks, SortRequest
 
-    if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    fmt = OutputFormat(fmt).value  # Typer refuses any other value before this runs
     if paths_only and fmt != "csv":
         raise UsageError("--paths prints the keepers' paths; it does not combine with --format")
     if null and fmt != "paths" and not paths_only:
@@ -176,7 +173,7 @@ def cull(
     if xmp is not None:
         from imgrank.cli.xmp_step import check_xmp_options
 
-        xmp_options = check_xmp_options(xmp, None, None, None, xmp_sidecar)
+        xmp_options = check_xmp_options(xmp, None, None, None, XmpSidecar(xmp_sidecar).value)
     elif xmp_sidecar != "file":
         raise UsageError("--xmp-sidecar only applies with --xmp")
     targets = (link, copy, output, errors, report, move_rejects)
@@ -211,10 +208,10 @@ def cull(
         adapter=adapter,
         model_given=option_given(ctx, "model"),
         pretrained_given=option_given(ctx, "pretrained"),
-        runtime=runtime,
+        runtime=None if runtime is None else Runtime(runtime).value,
         onnx=onnx,
         providers=providers,
-        raw_pairs=raw_pairs,
+        raw_pairs=RawPairs(raw_pairs).value,
     )
     interactive = err_console.is_terminal and not quiet
     skipped: list[SkippedFile] = []

@@ -223,3 +223,137 @@ def cache_choice(cache: Path | None, no_cache: bool) -> Path | bool:
     if no_cache:
         return False
     return cache if cache is not None else True
+
+
+# --- shared by sort and cull ---------------------------------------------------------------
+
+AgainstOption = Annotated[
+    str | None,
+    typer.Option(
+        "--against",
+        metavar="TEXT",
+        help="Zero-shot only: the negative phrasing; --by and --against are then used "
+        'verbatim (e.g. --by "a sharp photo" --against "a blurry photo").',
+        rich_help_panel=PANEL_RANKING,
+    ),
+]
+
+
+RuntimeOption = Annotated[
+    Runtime | None,
+    typer.Option(
+        "--runtime",
+        help="What runs the model; onnx needs no torch and is implied by --onnx "
+        "(see docs/onnx.md).",
+        rich_help_panel=PANEL_MODEL,
+    ),
+]
+
+
+OnnxOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--onnx",
+        metavar="DIR",
+        help="A folder written by `imgrank export`, run with onnxruntime.",
+        rich_help_panel=PANEL_MODEL,
+    ),
+]
+
+
+ProvidersOption = Annotated[
+    str | None,
+    typer.Option(
+        "--providers",
+        metavar="LIST",
+        help="onnxruntime providers in order, e.g. cuda,cpu (default: CUDA if any, else CPU).",
+        rich_help_panel=PANEL_MODEL,
+    ),
+]
+
+
+RecursiveOption = Annotated[
+    bool,
+    typer.Option(
+        "--recursive/--no-recursive", help="Scan sub-folders too.", rich_help_panel=PANEL_INPUT
+    ),
+]
+
+
+IncludeHiddenOption = Annotated[
+    bool,
+    typer.Option(
+        "--include-hidden",
+        help="Also take files and folders whose name starts with a dot.",
+        rich_help_panel=PANEL_INPUT,
+    ),
+]
+
+
+MaxPixelsOption = Annotated[
+    int,
+    typer.Option(
+        "--max-pixels",
+        metavar="N",
+        min=1,
+        help="Skip images with more pixels than this (decompression bombs); may be raised "
+        "for huge panoramas.",
+        rich_help_panel=PANEL_INPUT,
+    ),
+]
+
+
+RawPairsOption = Annotated[
+    RawPairs,
+    typer.Option(
+        "--raw-pairs",
+        help="pair: a RAW with a same-stem JPEG in its folder is one photo, ranked through the JPEG "
+        "and renamed, linked, copied or moved with it; separate: two photos of their own.",
+        rich_help_panel=PANEL_INPUT,
+    ),
+]
+
+
+OutputOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="Write the result to FILE instead of stdout.",
+        rich_help_panel=PANEL_OUTPUT,
+    ),
+]
+
+
+NullOption = Annotated[
+    bool,
+    typer.Option(
+        "--null",
+        "-0",
+        help="With --format paths (or cull --paths): separate paths with NUL (for xargs -0).",
+        rich_help_panel=PANEL_OUTPUT,
+    ),
+]
+
+
+ErrorsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--errors",
+        metavar="FILE",
+        help="Write the skipped files as CSV (path,reason) to FILE.",
+        rich_help_panel=PANEL_OUTPUT,
+    ),
+]
+
+
+XmpSidecarOption = Annotated[
+    XmpSidecar,
+    typer.Option(
+        "--xmp-sidecar",
+        help="file: IMG_1.CR2.xmp (darktable, digiKam); stem: IMG_1.xmp (Lightroom, "
+        "Capture One).",
+        rich_help_panel=PANEL_XMP,
+    ),
+]

@@ -24,26 +24,37 @@ from imgrank.cli.common import (
 from imgrank.cli.options import (
     PANEL_ENGINE,
     PANEL_INPUT,
-    PANEL_MODEL,
     PANEL_OUTPUT,
     PANEL_RANKING,
     PANEL_RENAME,
     PANEL_XMP,
     AdapterOption,
+    AgainstOption,
     BatchSizeOption,
     CacheOption,
     DeviceOption,
     Engine,
+    ErrorsOption,
+    IncludeHiddenOption,
+    MaxPixelsOption,
     ModelOption,
     NoCacheOption,
+    NullOption,
+    OnnxOption,
     OutputFormat,
+    OutputOption,
     PretrainedOption,
+    ProvidersOption,
     QuietOption,
     RawPairs,
+    RawPairsOption,
+    RecursiveOption,
     Runtime,
+    RuntimeOption,
     WorkersOption,
     XmpField,
     XmpSidecar,
+    XmpSidecarOption,
     cache_choice,
 )
 from imgrank.errors import UsageError
@@ -114,16 +125,7 @@ def sort(
             rich_help_panel=PANEL_RANKING,
         ),
     ] = None,
-    against: Annotated[
-        str | None,
-        typer.Option(
-            "--against",
-            metavar="TEXT",
-            help="Zero-shot only: the negative phrasing; --by and --against are then used "
-            'verbatim (e.g. --by "a sharp photo" --against "a blurry photo").',
-            rich_help_panel=PANEL_RANKING,
-        ),
-    ] = None,
+    against: AgainstOption = None,
     top: Annotated[
         int | None,
         typer.Option(
@@ -139,58 +141,12 @@ def sort(
     pretrained: PretrainedOption = DEFAULT_PRETRAINED,
     adapter: AdapterOption = None,
     device: DeviceOption = "auto",
-    runtime: Annotated[
-        Runtime | None,
-        typer.Option(
-            "--runtime",
-            help="What runs the model; onnx needs no torch and is implied by --onnx "
-            "(see docs/onnx.md).",
-            rich_help_panel=PANEL_MODEL,
-        ),
-    ] = None,
-    onnx: Annotated[
-        Path | None,
-        typer.Option(
-            "--onnx",
-            metavar="DIR",
-            help="A folder written by `imgrank export`, run with onnxruntime.",
-            rich_help_panel=PANEL_MODEL,
-        ),
-    ] = None,
-    providers: Annotated[
-        str | None,
-        typer.Option(
-            "--providers",
-            metavar="LIST",
-            help="onnxruntime providers in order, e.g. cuda,cpu (default: CUDA if any, else CPU).",
-            rich_help_panel=PANEL_MODEL,
-        ),
-    ] = None,
-    recursive: Annotated[
-        bool,
-        typer.Option(
-            "--recursive/--no-recursive", help="Scan sub-folders too.", rich_help_panel=PANEL_INPUT
-        ),
-    ] = True,
-    include_hidden: Annotated[
-        bool,
-        typer.Option(
-            "--include-hidden",
-            help="Also rank files and folders whose name starts with a dot.",
-            rich_help_panel=PANEL_INPUT,
-        ),
-    ] = False,
-    max_pixels: Annotated[
-        int,
-        typer.Option(
-            "--max-pixels",
-            metavar="N",
-            min=1,
-            help="Skip images with more pixels than this (decompression bombs); may be raised "
-            "for huge panoramas.",
-            rich_help_panel=PANEL_INPUT,
-        ),
-    ] = DEFAULT_MAX_PIXELS,
+    runtime: RuntimeOption = None,
+    onnx: OnnxOption = None,
+    providers: ProvidersOption = None,
+    recursive: RecursiveOption = True,
+    include_hidden: IncludeHiddenOption = False,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     max_file_mb: Annotated[
         int,
         typer.Option(
@@ -202,15 +158,7 @@ def sort(
             rich_help_panel=PANEL_INPUT,
         ),
     ] = DEFAULT_MAX_FILE_MB,
-    raw_pairs: Annotated[
-        RawPairs,
-        typer.Option(
-            "--raw-pairs",
-            help="pair: a RAW with a same-stem JPEG in its folder is ranked once, through the "
-            "JPEG, and renamed/linked/copied with it; separate: rank both as photos of their own.",
-            rich_help_panel=PANEL_INPUT,
-        ),
-    ] = RawPairs.pair,
+    raw_pairs: RawPairsOption = RawPairs.pair,
     fmt: Annotated[
         OutputFormat,
         typer.Option(
@@ -220,34 +168,9 @@ def sort(
             rich_help_panel=PANEL_OUTPUT,
         ),
     ] = OutputFormat.csv,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output",
-            "-o",
-            metavar="FILE",
-            help="Write the ranking to FILE instead of stdout.",
-            rich_help_panel=PANEL_OUTPUT,
-        ),
-    ] = None,
-    null: Annotated[
-        bool,
-        typer.Option(
-            "--null",
-            "-0",
-            help="With --format paths: separate paths with NUL (for xargs -0).",
-            rich_help_panel=PANEL_OUTPUT,
-        ),
-    ] = False,
-    errors: Annotated[
-        Path | None,
-        typer.Option(
-            "--errors",
-            metavar="FILE",
-            help="Write the skipped files as CSV (path,reason) to FILE.",
-            rich_help_panel=PANEL_OUTPUT,
-        ),
-    ] = None,
+    output: OutputOption = None,
+    null: NullOption = False,
+    errors: ErrorsOption = None,
     report: Annotated[
         Path | None,
         typer.Option(
@@ -364,15 +287,7 @@ def sort(
             rich_help_panel=PANEL_XMP,
         ),
     ] = None,
-    xmp_sidecar: Annotated[
-        XmpSidecar,
-        typer.Option(
-            "--xmp-sidecar",
-            help="file: IMG_1.CR2.xmp (darktable, digiKam); stem: IMG_1.xmp (Lightroom, "
-            "Capture One).",
-            rich_help_panel=PANEL_XMP,
-        ),
-    ] = XmpSidecar.file,
+    xmp_sidecar: XmpSidecarOption = XmpSidecar.file,
     paths_from: Annotated[
         Path | None,
         typer.Option(
