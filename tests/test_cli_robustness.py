@@ -315,9 +315,10 @@ def test_stopping_the_stream_does_not_wait_for_a_decode_that_takes_minutes(
             release.wait(30)  # a 20 GB file being read
         import numpy as np
 
-        return np.zeros((3, 8, 8), np.float32)
+        return np.zeros((3, 8, 8), np.float32), None  # pixels, no facts
 
-    monkeypatch.setattr(stream, "load_pixels", slow_decode)
+    # The stream's one decode call (pixels plus the hash and capture time cull uses).
+    monkeypatch.setattr(stream, "load_pixels_and_facts", slow_decode)
     paths = [tmp_path / "fast.jpg", tmp_path / "slow.jpg"]
     batches = stream.decode_batches(paths, PreprocessConfig(image_size=8), batch_size=1, workers=2)
     next(batches)
