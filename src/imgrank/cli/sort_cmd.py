@@ -568,37 +568,6 @@ def sort(
 
 
 
-def _progress(*, enabled: bool) -> Progress | None:
-    """A Rich progress bar with images/s and ETA on stderr, or None when not wanted."""
-    if not enabled:
-        return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class ImagesPerSecond(ProgressColumn):
-        def render(self, task):  # type: ignore[no-untyped-def]
-            speed = task.speed
-            return Text("" if speed is None else f"{speed:.1f} img/s")
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        ImagesPerSecond(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    )
-
-
 def _source_argument(source: str | None, paths_from: Path | None) -> Path | str:
     """SRC as a local path, or as the URI string it is (``Path`` would fold ``s3://``)."""
     from imgrank.images.sources import is_uri
