@@ -26,6 +26,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path_factory.mktemp("imgrank-home")
     monkeypatch.setenv("IMGRANK_HOME", str(home))
+    # Tests run torch unless they test the automatic ONNX export (tests/test_auto_export.py):
+    # otherwise every sort of a tiny model would first export it into this fresh home.
+    monkeypatch.setenv("IMGRANK_RUNTIME", "torch")
     return home
 
 

@@ -99,3 +99,51 @@ def test_bench_gpu_runs_in_one_command_on_the_cpu(tmp_path: Path) -> None:
     row = next(line for line in done.stdout.splitlines() if line.startswith("| tiny-clip |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert all(float(cell.rstrip("x")) > 0 for cell in cells[1:])
+
+
+def test_a_loaded_models_encoder_tells_the_stream_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream decodes on the GPU for the encoder ``imgrank sort`` passes it, when on CUDA."""
+    from imgrank.features.stream import device_decoding
+    from imgrank.models.loading import load_model
+    from imgrank.models.selection import ModelSelection
+
+    model = load_model(ModelSelection(model=str(TINY_MODEL), pretrained="none", device="cpu"))
+    encoder = model.image_encoder
+    assert device_decoding(encoder) is None  # the CPU: the decode threads' draft path
+    backbone = model.backbone()
+    monkeypatch.setattr(backbone, "device", "cuda:0")
+    assert device_decoding(encoder) == ("cuda:0", torch.float32)
+
+
+def test_a_cached_run_keeps_the_device_decoder_and_caches(
+    mixed: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Caching no longer sends a GPU run back to CPU decoding (the device decoder gives no
+    hashes or capture times; the cache keeps entries without them and cull reads them)."""
+    from imgrank.features import stream
+    from imgrank.features.cache import open_cache
+    from imgrank.features.stream import PipelineStats
+
+    on_device = []
+    real = stream._assemble_on_device
+
+    def counting(*args: object, **kwargs: object) -> object:
+        on_device.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "_assemble_on_device", counting)
+
+    backbone = load_backbone(BackboneSpec(model=str(TINY_MODEL), pretrained="none"), device="cpu")
+    scorer = ZeroShotScorer.for_backbone(backbone, "image quality")
+    plain = dict(score_images(mixed, backbone, scorer, draft=False))
+    with open_cache(tmp_path / "c.sqlite3") as cache:
+        first = dict(score_images(mixed, backbone, scorer, draft=False, cache=cache,
+                                  decode_device="cpu"))  # fmt: skip
+    stats = PipelineStats()
+    with open_cache(tmp_path / "c.sqlite3") as cache:
+        again = dict(score_images(mixed, backbone, scorer, cache=cache, stats=stats))
+    assert on_device  # the cached run decoded on the device
+    assert stats.cache_hits == 5 and set(again) == set(plain)
+    for path, score in plain.items():
+        assert first[path] == pytest.approx(score, abs=2e-3), path.name
+        assert again[path] == pytest.approx(first[path], abs=1e-6), path.name

@@ -54,6 +54,8 @@ def sort_folder(
     pretrained: str | None = None,
     adapter: str | Path | None = None,
     device: str = "auto",
+    runtime: str = "auto",
+    precision: str = "auto",
     top: int | None = None,
     ascending: bool = False,
     cache: bool | str | Path = True,
@@ -75,6 +77,9 @@ def sort_folder(
         pretrained: Weights tag, a weights file, or ``"none"`` (random weights).
         adapter: A ranking-adapter model folder to score with.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        runtime: ``auto`` (on a CPU with onnxruntime installed, the model exported
+            once to ONNX and reused; see docs/performance.md), ``torch`` or ``onnx``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (torch).
         top: Keep only the first ``top`` images.
         ascending: Lowest score first.
         cache: True for the default embedding cache, False for none, or a cache file.
@@ -104,6 +109,8 @@ def sort_folder(
         model=model or DEFAULT_MODEL,
         pretrained=pretrained or DEFAULT_PRETRAINED,
         device=device,
+        runtime=runtime,
+        precision=precision,
         batch_size=batch_size,
         workers=workers,
         recursive=recursive,
@@ -224,6 +231,8 @@ def load_model(
     adapter: str | Path | None = None,
     onnx: str | Path | None = None,
     device: str = "auto",
+    runtime: str = "auto",
+    precision: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_warning: Callable[[str], None] | None = None,
 ) -> Model:
@@ -238,6 +247,9 @@ def load_model(
         adapter: An imgrank model folder (a ranking adapter or an imported head).
         onnx: A folder written by ``imgrank export``, run with onnxruntime (no torch).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (torch).
+        runtime: ``auto`` (an automatic ONNX export on a CPU with onnxruntime
+            installed, else torch), ``torch`` or ``onnx`` (with ``onnx``).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (torch).
         max_pixels: Files larger than this are refused (decompression bombs).
         on_warning: Called with each warning (default: :mod:`warnings`).
 
@@ -256,6 +268,8 @@ def load_model(
         adapter=None if adapter is None else Path(adapter).expanduser(),
         onnx=None if onnx is None else Path(onnx).expanduser(),
         device=None if onnx is not None else device,
+        runtime=runtime,
+        precision=None if onnx is not None else precision,
     )
     ranking_model = load_ranking_model(selection, warn=_warner(on_warning))
     return Model(ranking_model, max_pixels=max_pixels)

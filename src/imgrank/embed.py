@@ -95,7 +95,7 @@ def embed(
     sources = list_inputs(request, on_skip)
     from imgrank.models.loading import load_model
 
-    model = load_model(request.selection(), warn=callbacks.warn)
+    model = load_model(request.selection(automatic=False), warn=callbacks.warn)
     encoder = model.image_encoder
     probe = _probe(encoder, want_tokens)
     info = DatasetInfo.for_encoder(encoder, probe[0], probe[1])

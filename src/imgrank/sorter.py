@@ -65,8 +65,11 @@ class SortRequest:
     #: the adapter's own backbone is used and ``model``/``pretrained`` are ignored).
     model_given: bool = False
     pretrained_given: bool = False
-    #: ``torch``, ``onnx``, or None: onnx when ``onnx`` is set (see imgrank.models.selection).
+    #: ``auto``, ``torch``, ``onnx``, or None (= ``auto``): onnx when ``onnx`` is set, else
+    #: the fastest correct path (imgrank.models.auto_export); see imgrank.models.selection.
     runtime: str | None = None
+    #: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (torch); see imgrank.models.selection.
+    precision: str | None = None
     #: A folder written by ``imgrank export``, for the onnx runtime.
     onnx: Path | None = None
     #: onnxruntime execution providers, comma-separated (None: CUDA if available, else CPU).
@@ -88,22 +91,33 @@ class SortRequest:
     #: With both ``prompt`` and ``like``: how much the likeness counts (0 .. 1).
     like_weight: float = 0.5
 
-    def selection(self) -> ModelSelection:
+    def selection(self, *, automatic: bool = True) -> ModelSelection:
         """The model part of the request, with only what the user gave (None: not given).
 
         Without a model folder or an export, ``model``/``pretrained`` always
         count (their defaults name the default backbone); with one, only when
         given explicitly, so the folder's own backbone applies otherwise.
+
+        An unset runtime is ``auto`` (an automatic ONNX export may run the model,
+        :mod:`imgrank.models.auto_export`) when ``automatic`` and the engine is
+        local. Features that outlive the run in a dataset (``imgrank embed``, and
+        sorting such a dataset) pass ``automatic=False``: they must be computed
+        by the same runtime wherever the dataset is read. The ray engine's actors
+        each load the model, and would each make the export on every node at once.
         """
         by_folder = self.adapter is not None or self.onnx is not None
+        runtime = self.runtime
+        if runtime is None and automatic and self.engine == "local":
+            runtime = "auto"
         return ModelSelection(
             model=self.model if self.model_given or not by_folder else None,
             pretrained=self.pretrained if self.pretrained_given or not by_folder else None,
             adapter=self.adapter,
-            runtime=self.runtime,
+            runtime=runtime,
             onnx=self.onnx,
             providers=self.providers,
             device=self.device,
+            precision=self.precision,
         )
 
 
@@ -117,6 +131,8 @@ class SortCallbacks:
     found: Callable[[int], None] = lambda _total: None
     #: Called with the number of files finished since the last call.
     advance: Callable[[int], None] = lambda _count: None
+    #: News that is not a problem (a one-time automatic ONNX export being made).
+    notice: Callable[[str], None] = lambda _message: None
 
 
 def sort_folder(
@@ -175,7 +191,7 @@ def sort_folder(
 
     cache = _open_cache(request, callbacks.warn)
     try:
-        model = load_model(resolved, warn=callbacks.warn)
+        model = load_model(resolved, warn=callbacks.warn, notice=callbacks.notice)
         _warn_untrained_prompt(request, callbacks.warn)
         # Every photo cached: score without building the image tower (and, for zero-shot
         # and heads, without importing open_clip: 1.4 s of a 2.5 s re-sort).
@@ -347,7 +363,7 @@ def _rank_dataset(request: SortRequest, callbacks: SortCallbacks, started: float
     info = read_info(folder)
     from imgrank.models.loading import load_model
 
-    model = load_model(request.selection(), warn=callbacks.warn)
+    model = load_model(request.selection(automatic=False), warn=callbacks.warn)
     encoder = model.image_encoder
     scorer = model.scorer(request.prompt, request.against)  # no image tower is built
     if cache_fingerprint(encoder) != info.fingerprint:

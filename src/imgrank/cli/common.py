@@ -252,13 +252,32 @@ def prepare_torch() -> None:
     The model gets one intra-op thread per available core (the container's
     share, not the host's), set before any tensor work so the pool starts at
     that size; see :func:`imgrank.models.device.cpu_threads_for_model` for
-    the measurement. Called by the commands that run the torch model.
+    the measurement. Called by the commands that may run the torch model.
+
+    It does not import torch (a second of start-up a run on onnxruntime, or one
+    served from the cache, never pays): when torch is not loaded yet, the count
+    goes to ``OMP_NUM_THREADS``, which torch reads when it starts its pool; a
+    count the user set there is kept.
     """
-    import torch
+    import sys
 
     from imgrank.models.device import cpu_threads_for_model
 
-    torch.set_num_threads(cpu_threads_for_model())
+    threads = cpu_threads_for_model()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def notice(message: str, *, quiet: bool = False) -> None:
+    """Print one line of news (not a problem) to stderr unless ``quiet``."""
+    if quiet:
+        return
+    from rich.markup import escape
+
+    err_console.print(f"[cyan]imgrank:[/] {escape(message)}")
 
 
 def check_before_writing() -> None:

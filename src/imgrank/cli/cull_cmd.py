@@ -12,7 +12,9 @@ from imgrank.cli.common import (
     check_before_writing,
     err_console,
     handle_errors,
+    notice,
     option_given,
+    prepare_torch,
     warn,
 )
 from imgrank.cli.options import (
@@ -36,6 +38,8 @@ from imgrank.cli.options import (
     RawPairs,
     RawPairsOption,
     RecursiveOption,
+    Precision,
+    PrecisionOption,
     Runtime,
     RuntimeOption,
     WorkersOption,
@@ -132,6 +136,7 @@ def cull(
     cache: CacheOption = None,
     no_cache: NoCacheOption = False,
     runtime: RuntimeOption = None,
+    precision: PrecisionOption = None,
     onnx: OnnxOption = None,
     providers: ProvidersOption = None,
     raw_pairs: RawPairsOption = RawPairs.pair,
@@ -209,6 +214,7 @@ def cull(
         model_given=option_given(ctx, "model"),
         pretrained_given=option_given(ctx, "pretrained"),
         runtime=None if runtime is None else Runtime(runtime).value,
+        precision=None if precision is None else Precision(precision).value,
         onnx=onnx,
         providers=providers,
         raw_pairs=RawPairs(raw_pairs).value,
@@ -220,7 +226,12 @@ def cull(
         skipped.append(item)
         err_console.print(f"[yellow]skipped:[/] {escape(str(item.path))}: {escape(item.reason)}")
 
-    callbacks = SortCallbacks(warn=lambda message: warn(message, quiet=quiet), skip=skip)
+    prepare_torch()
+    callbacks = SortCallbacks(
+        warn=lambda message: warn(message, quiet=quiet),
+        skip=skip,
+        notice=lambda message: notice(message, quiet=quiet),
+    )
     try:
         features = collect_features(request, callbacks, workers=workers)
     finally:

@@ -55,7 +55,7 @@ def export(
 
         imgrank export --out ./quality-onnx --adapter ./my-quality-adapter
     """
-    from imgrank.models.onnx_export import export_model
+    from imgrank.models.loading import export_model
 
     check_before_writing()  # refuse while an interrupted rename run is unsettled
     prepare_torch()

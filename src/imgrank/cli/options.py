@@ -44,10 +44,20 @@ class OutputFormat(str, Enum):
 
 
 class Runtime(str, Enum):
-    """What runs the model: PyTorch, or onnxruntime on an ``imgrank export`` folder."""
+    """What runs the model: the fastest correct one, PyTorch, or onnxruntime on an export."""
 
+    auto = "auto"
     torch = "torch"
     onnx = "onnx"
+
+
+class Precision(str, Enum):
+    """The number format of the torch image tower (see imgrank.models.selection)."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class RawPairs(str, Enum):
@@ -243,8 +253,20 @@ RuntimeOption = Annotated[
     Runtime | None,
     typer.Option(
         "--runtime",
-        help="What runs the model; onnx needs no torch and is implied by --onnx "
-        "(see docs/onnx.md).",
+        help="What runs the model. Default auto: on a CPU with onnxruntime installed, the "
+        "model exported once to ONNX (cached, reused); else torch. onnx is implied by --onnx "
+        "(see docs/onnx.md, docs/performance.md).",
+        rich_help_panel=PANEL_MODEL,
+    ),
+]
+
+
+PrecisionOption = Annotated[
+    Precision | None,
+    typer.Option(
+        "--precision",
+        help="torch number format: auto (fp16 on CUDA, else fp32), fp32, bf16 (image tower; "
+        "fast on CPUs with AVX512_BF16/AMX, ranks slightly differently) or fp16.",
         rich_help_panel=PANEL_MODEL,
     ),
 ]

@@ -16,6 +16,7 @@ from imgrank.cli.common import (
     check_before_writing,
     err_console,
     handle_errors,
+    notice,
     option_given,
     prepare_torch,
     route_library_warnings,
@@ -49,6 +50,8 @@ from imgrank.cli.options import (
     RawPairs,
     RawPairsOption,
     RecursiveOption,
+    Precision,
+    PrecisionOption,
     Runtime,
     RuntimeOption,
     WorkersOption,
@@ -142,6 +145,7 @@ def sort(
     adapter: AdapterOption = None,
     device: DeviceOption = "auto",
     runtime: RuntimeOption = None,
+    precision: PrecisionOption = None,
     onnx: OnnxOption = None,
     providers: ProvidersOption = None,
     recursive: RecursiveOption = True,
@@ -443,6 +447,7 @@ def sort(
         model_given=option_given(ctx, "model"),
         pretrained_given=option_given(ctx, "pretrained"),
         runtime=None if runtime is None else Runtime(runtime).value,
+        precision=None if precision is None else Precision(precision).value,
         onnx=onnx,
         providers=providers,
         raw_pairs=RawPairs(raw_pairs).value,
@@ -461,11 +466,8 @@ def sort(
         from imgrank.report.html import check_report_destination
 
         check_report_destination(report, overwrite=force)
-    from imgrank.models.selection import ModelSelection
-
-    # The process's thread count is the command line's to set (torch runs only).
-    if ModelSelection(runtime=request.runtime, onnx=request.onnx).resolve().runtime == "torch":
-        prepare_torch()
+    # The process's thread count is the command line's to set (it imports nothing).
+    prepare_torch()
     interactive = err_console.is_terminal and not quiet
     skipped: list[SkippedFile] = []
 
@@ -492,7 +494,11 @@ def sort(
                 progress.advance(task_ids[0], count)
 
         callbacks = SortCallbacks(
-            warn=lambda message: warn(message, quiet=quiet), skip=skip, found=found, advance=advance
+            warn=lambda message: warn(message, quiet=quiet),
+            skip=skip,
+            found=found,
+            advance=advance,
+            notice=lambda message: notice(message, quiet=quiet),
         )
         try:
             if engine_name == "ray":  # after every check: starting Ray takes seconds

@@ -538,14 +538,17 @@ def iter_features(
         caching = session is not None and session.active
         want_tokens = tokens or (caching and getattr(encoder, "provides_tokens", True))
         miss_indices = [index for index, _path in misses]
-        with_facts = facts or caching
         # On CUDA (or with decode_device, as tests force it) JPEGs are decoded on the device.
-        # (The device decoder gives no facts: runs that need them decode on the CPU.)
-        on_device = None if with_facts else (
+        # The device decoder gives no facts (hash, capture time): a caller that needs them
+        # (cull) decodes on the CPU. The cache only keeps facts it is given, and a cull
+        # reads the missing ones itself, so a cached GPU sort stays on the GPU decoder.
+        # (Asked only when photos need encoding: the question builds a lazy torch tower.)
+        on_device = None if facts or not misses else (
             device_decoding(encoder)
             if decode_device is None
             else (decode_device, getattr(encoder, "dtype", None))
         )
+        with_facts = facts or (caching and on_device is None)
         for batch in decode_batches(
             [path for _index, path in misses],
             encoder.preprocess,

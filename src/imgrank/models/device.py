@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from imgrank.errors import UsageError
 
@@ -37,6 +38,22 @@ def resolve_device(device: str = "auto") -> str:
             raise UsageError("--device mps: Apple's MPS backend is not available here")
         return "mps"
     raise UsageError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def cuda_possible() -> bool:
+    """Whether an NVIDIA driver is loaded, told without importing torch (which costs ~1 s).
+
+    False means torch cannot find a CUDA device; True that it may.
+    """
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def gpu_present() -> bool:
+    """Whether torch's ``auto`` device may be a GPU: CUDA, or MPS on Apple silicon.
+
+    Either way torch is what the user gets, as before an automatic export existed.
+    """
+    return cuda_possible() or (sys.platform == "darwin" and os.uname().machine == "arm64")
 
 
 def available_cores() -> int:

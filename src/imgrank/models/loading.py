@@ -20,12 +20,14 @@ from imgrank.models.selection import ModelSelection, ResolvedSelection
 
 if TYPE_CHECKING:
     from imgrank.models.checkpoints import ModelFolder
+    from imgrank.models.onnx_export import ExportResult
 
 
 def load_model(
     selection: ModelSelection | ResolvedSelection,
     *,
     warn: Callable[[str], None] | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> RankingModel:
     """The ranking model a selection names, ready to score (heavy parts load on first need).
 
@@ -34,6 +36,9 @@ def load_model(
     * ``adapter`` set: the model folder (adapter or head) on the backbone it
       names, or on ``model``/``pretrained`` after checking they fit it.
     * otherwise zero-shot CLIP on ``model``/``pretrained`` (defaults: ViT-B-32, LAION-2B).
+
+    With ``runtime="auto"`` and nothing else forcing torch, the same model runs
+    on onnxruntime from an export made once (:mod:`imgrank.models.auto_export`).
 
     Args:
         selection: What the user asked for (checked here if not resolved yet).
@@ -53,9 +58,10 @@ def load_model(
         spec = resolved.default_backbone()
         if spec.is_random and warn is not None:
             _warn_random(warn)
-        return TorchRankingModel(
+        zero_shot = TorchRankingModel(
             spec, device=resolved.device, precision=resolved.precision, warn=None
         )
+        return _automatic(resolved, zero_shot, warn, notice) or zero_shot
     from imgrank.models.checkpoints import load_model_folder
 
     folder = load_model_folder(chosen.adapter)
@@ -65,7 +71,7 @@ def load_model(
             warn(message)
         if spec.is_random:
             _warn_random(warn)
-    return TorchRankingModel(
+    with_folder = TorchRankingModel(
         spec,
         kind=folder.kind,
         name=folder.display_name,
@@ -74,6 +80,21 @@ def load_model(
         precision=resolved.precision,
         warn=None,
     )
+    return _automatic(resolved, with_folder, warn, notice) or with_folder
+
+
+def _automatic(
+    resolved: ResolvedSelection,
+    torch_model: TorchRankingModel,
+    warn: Callable[[str], None] | None,
+    notice: Callable[[str], None] | None,
+) -> RankingModel | None:
+    """The automatic ONNX export of this model when it applies (else None: torch)."""
+    from imgrank.models.auto_export import auto_onnx_applies, automatic_onnx_model
+
+    if not auto_onnx_applies(resolved):
+        return None
+    return automatic_onnx_model(torch_model, warn=warn, notice=notice)
 
 
 def _warn_random(warn: Callable[[str], None]) -> None:
@@ -189,3 +210,41 @@ def backbone_for(
         spec = replace(spec, pretrained=pretrained)
     check_folder_fits(folder, own_config, what=f"the backbone of {folder.path}")
     return spec, warnings
+
+
+def export_model(
+    out: Path,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    adapter_dir: Path | None = None,
+    opset: int | None = None,
+    warn: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """``imgrank export``: load the model as ``imgrank sort`` would, on the CPU in float32,
+    and export it (:func:`imgrank.models.onnx_export.export_ranking_model`).
+
+    Args:
+        out: A new or empty folder.
+        model: open_clip name or config JSON; None: the default model, or with
+            ``adapter_dir`` the folder's own backbone (when given it must be the
+            architecture the adapter was trained on).
+        pretrained: Weights tag or file; None as for ``model``.
+        adapter_dir: An imgrank model folder whose adapter (or linear/MLP head)
+            is exported too; its backbone and preprocessing are used unless overridden.
+        opset: ONNX operator set (None: the exporter's default).
+        warn: Called with messages the user must see (random weights...).
+        progress: Called with a short line before each step.
+    """
+    from imgrank.models.onnx_export import DEFAULT_OPSET, check_export_folder, export_ranking_model
+
+    check_export_folder(out)  # refuse a busy --out before minutes of loading
+    selection = ModelSelection(
+        model=model, pretrained=pretrained, adapter=adapter_dir, device="cpu", precision="fp32"
+    )
+    ranking = load_model(selection, warn=warn)
+    assert isinstance(ranking, TorchRankingModel)
+    return export_ranking_model(
+        ranking, out, opset=DEFAULT_OPSET if opset is None else opset, progress=progress
+    )

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     import torch
 
     from imgrank.models.clip.towers import Backbone
+    from imgrank.models.ranking_model import TorchRankingModel
 
 #: ONNX operator set: 17 has LayerNormalization as one op, and onnxruntime >= 1.14 runs it.
 DEFAULT_OPSET = 17
@@ -373,6 +374,11 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_export_folder(out: Path) -> None:
+    """Refuse an ``--out`` that holds anything, or whose parent folder is missing."""
+    _check_out(out.expanduser())
+
+
 def _check_out(out: Path) -> None:
     """Refuse an ``--out`` that holds anything, or whose folder is missing, before any work."""
     from imgrank.files.atomic import check_new_folder
@@ -657,45 +663,30 @@ def _export_into(
     return ExportResult(folder=work, files=written, drift=drift, manifest=manifest)
 
 
-def export_model(
+def export_ranking_model(
+    ranking: TorchRankingModel,
     out: Path,
     *,
-    model: str | None = None,
-    pretrained: str | None = None,
-    adapter_dir: Path | None = None,
     opset: int = DEFAULT_OPSET,
     tolerance: float = DEFAULT_TOLERANCE,
-    warn: Callable[[str], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Load a model on the CPU in float32 and export it (:func:`export_backbone`).
+    """Export a torch ranking model (its backbone and any adapter or head).
 
-    The model is chosen by :func:`imgrank.models.loading.load_model`, exactly
-    as ``imgrank sort`` chooses it, so an export cannot pair an adapter with a
-    backbone it was not trained on.
+    ``imgrank export`` loads the model with :func:`imgrank.models.loading.load_model`,
+    exactly as ``imgrank sort`` chooses it (so an export cannot pair an adapter
+    with a backbone it was not trained on), on the CPU in float32; the automatic
+    export (:mod:`imgrank.models.auto_export`) passes the model a sort would run.
 
     Args:
+        ranking: A torch ranking model on the CPU in float32 (loaded now if it was not).
         out: A new or empty folder.
-        model: open_clip name or config JSON; None: the default model, or with
-            ``adapter_dir`` the folder's own backbone (when given it must be the
-            architecture the adapter was trained on).
-        pretrained: Weights tag or file; None as for ``model``.
-        adapter_dir: An imgrank model folder whose adapter (or linear/MLP head)
-            is exported too; its backbone and preprocessing are used unless overridden.
         opset: ONNX operator set.
         tolerance: Largest accepted relative drift from torch.
-        warn: Called with messages the user must see (random weights...).
         progress: Called with a short line before each step.
     """
-    from imgrank.models.loading import load_model
-    from imgrank.models.selection import ModelSelection
-
     out = out.expanduser()
     _check_out(out)  # refuse a busy --out before minutes of loading
-    selection = ModelSelection(
-        model=model, pretrained=pretrained, adapter=adapter_dir, device="cpu", precision="fp32"
-    )
-    ranking = load_model(selection, warn=warn)
     backbone = ranking.backbone()
     folder = ranking.folder
     if folder is None:

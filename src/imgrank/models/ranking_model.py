@@ -177,6 +177,17 @@ class TorchImageEncoder:
     def fingerprint(self) -> str:
         return self._model._identity()[0]
 
+    @property
+    def device(self) -> str:
+        """The torch device the tower runs on: on CUDA the stream decodes JPEGs there too
+        (:func:`imgrank.features.stream.device_decoding`). Asked only when photos need encoding."""
+        return self._model.backbone().device
+
+    @property
+    def dtype(self) -> Any:
+        """The image tower's torch dtype (pixels decoded on the device are made in it)."""
+        return self._model.backbone().dtype
+
     def encode_pixels(self, pixels: np.ndarray, *, tokens: bool = False) -> FeatureBatch:
         """Features of normalised pixels (N, 3, S, S): the per-batch function engines call."""
         return self._model.backbone().encode_pixels(pixels, tokens=tokens)
@@ -245,7 +256,8 @@ class TorchRankingModel(RankingModel):
         from imgrank.features.stream import all_cached
         from imgrank.models.clip.light_text import features_identity
 
-        self._cheap = features_identity(self.spec)
+        precision = self._cpu_precision()
+        self._cheap = None if precision is None else features_identity(self.spec, precision)
         if self._cheap is None:
             return False
         self._serve_cached = True
@@ -253,6 +265,20 @@ class TorchRankingModel(RankingModel):
             return all_cached(paths, self._encoder, cache)
         finally:
             self._serve_cached = False
+
+    def _cpu_precision(self) -> str | None:
+        """The image tower's precision when it is known to run on the CPU, without torch.
+
+        None when a GPU may take the run (``auto`` then means half precision):
+        the cache check then waits for the backbone.
+        """
+        from imgrank.models.device import cuda_possible
+        from imgrank.models.clip.build import build_precision
+
+        device = self.device.lower()
+        if device.startswith("cuda") or (device == "auto" and cuda_possible()):
+            return None
+        return build_precision(self.precision, "cpu")
 
     def _light_text(self) -> Any:
         from imgrank.models.clip.light_text import light_text_encoder

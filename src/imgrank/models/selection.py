@@ -19,8 +19,17 @@ from pathlib import Path
 from imgrank.errors import UsageError
 from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, BackboneSpec
 
-RUNTIMES = ("torch", "onnx")
-PRECISIONS = ("auto", "fp32", "fp16")
+#: ``auto``: onnxruntime on an automatic export where that is the fastest correct path
+#: (:mod:`imgrank.models.auto_export`), else torch. ``None`` (not given) means torch, or
+#: onnx with ``--onnx``: front ends that sort pass ``auto`` for "not given".
+RUNTIMES = ("auto", "torch", "onnx")
+#: ``auto``: half precision on CUDA, float32 elsewhere (bfloat16 moved the benchmark's
+#: ranking to Spearman 0.998 against float32, below the 0.999 a default must keep).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+#: Devices an automatic ONNX export may stand in for (onnxruntime runs on the CPU there).
+CPU_OK = ("auto", "cpu")
 
 
 @dataclass(frozen=True)
@@ -32,11 +41,12 @@ class ModelSelection:
         pretrained: ``--pretrained``: a pretrained tag, a weights file, or ``none``.
         adapter: ``--adapter``: an imgrank model folder (a ranking adapter or
             an imported linear/MLP head); it brings its own backbone.
-        runtime: ``torch`` or ``onnx`` (``--onnx`` alone implies ``onnx``).
+        runtime: ``auto``, ``torch`` or ``onnx`` (``--onnx`` alone implies ``onnx``).
         onnx: ``--onnx``: a folder written by ``imgrank export``.
         providers: ``--providers``: onnxruntime execution providers, comma-separated.
         device: ``--device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (torch).
-        precision: ``auto`` (half precision on CUDA), ``fp32`` or ``fp16`` (torch).
+        precision: ``auto`` (half precision on CUDA, else float32), ``fp32``, ``bf16``
+            (the image tower in bfloat16 on the CPU) or ``fp16`` (torch).
     """
 
     model: str | None = None
@@ -57,10 +67,15 @@ class ModelSelection:
         """
         runtime = (self.runtime or "").lower() or None
         if runtime is not None and runtime not in RUNTIMES:
-            raise UsageError(f"--runtime must be torch or onnx, not {self.runtime!r}")
+            raise UsageError(f"--runtime must be auto, torch or onnx, not {self.runtime!r}")
         precision = (self.precision or "auto").lower()
         if precision not in PRECISIONS:
-            raise UsageError(f"--precision must be auto, fp32 or fp16, not {self.precision!r}")
+            raise UsageError(
+                f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}"
+            )
+        automatic = runtime == "auto"
+        if automatic:
+            runtime = "onnx" if self.onnx is not None else None
         if runtime == "torch":
             if self.onnx is not None:
                 raise UsageError("--onnx DIR is for --runtime onnx (or leave --runtime out)")
@@ -75,7 +90,11 @@ class ModelSelection:
         elif self.onnx is None and self.providers:
             raise UsageError("--providers is for --runtime onnx --onnx DIR")
         if self.onnx is None:
-            return ResolvedSelection(self, "torch", precision)
+            # Forcing a precision or a device other than the CPU is a torch choice.
+            automatic = (
+                automatic and precision == "auto" and (self.device or "auto").lower() in CPU_OK
+            )
+            return ResolvedSelection(self, "torch", precision, automatic_runtime=automatic)
         torch_only = [
             name
             for name, given in (
@@ -103,6 +122,8 @@ class ResolvedSelection:
     selection: ModelSelection
     runtime: str
     precision: str
+    #: Nothing forced the torch runtime: an automatic ONNX export may replace it.
+    automatic_runtime: bool = False
 
     @property
     def device(self) -> str:

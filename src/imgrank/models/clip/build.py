@@ -85,8 +85,10 @@ def load_backbone(
         lazy_image_tower: build the image tower on first use instead of now.
             Code that reads the image tower's parameters directly (export,
             training) must leave this off.
-        precision: ``fp32``, ``fp16``, or None/``auto`` for half precision on
-            CUDA (twice the throughput, the same ranking) and float32 elsewhere.
+        precision: ``fp32``; ``fp16`` (both towers); ``bf16`` (the image tower in
+            bfloat16, the text tower in float32, so a prompt's features do not
+            depend on it); or None/``auto`` for half precision on CUDA (twice
+            the throughput, the same ranking) and float32 elsewhere.
 
     Raises:
         ModelError: unknown model, unreadable or mismatched weights.
@@ -95,7 +97,9 @@ def load_backbone(
     import torch
 
     device = resolve_device(device)
-    half = device.startswith("cuda") if precision in (None, "auto") else precision == "fp16"
+    precision = build_precision(precision, device)
+    half = precision == "fp16"
+    image_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     name, config = resolve_model_config(spec)
     preprocess = spec.preprocess or default_preprocess(config)
     weights: WeightsFile | None = None
@@ -131,7 +135,7 @@ def load_backbone(
     visual = model._modules.pop("visual")
     if half:
         model = model.half()
-        visual = visual.half()
+    visual = visual.to(image_dtype)
     model = model.to(device)
     model._modules["visual"] = visual
     configure_image_tower(visual)  # an attribute: set now, also on a tower built later
@@ -142,9 +146,7 @@ def load_backbone(
             with torch.inference_mode(False):
                 _materialize_visual(model, config, weights)
                 module.eval().requires_grad_(False)
-                if half:
-                    module.half()
-                module.to(device)
+                module.to(device=device, dtype=image_dtype)
             if weights is not None:
                 weights.release()
 
@@ -161,7 +163,17 @@ def load_backbone(
         preprocess=preprocess,
         device=device,
         weights_id=weights_id,
+        precision=precision,
     )
+
+
+def build_precision(precision: str | None, device: str) -> str:
+    """``fp32``, ``fp16`` or ``bf16`` for a resolved torch device (``auto``: fp16 on CUDA)."""
+    if precision in (None, "auto"):
+        return "fp16" if device.startswith("cuda") else "fp32"
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ModelError(f"unknown precision {precision!r}: expected auto, fp32, bf16 or fp16")
+    return precision
 
 
 def image_tower_built(backbone: Backbone) -> bool:

@@ -134,7 +134,9 @@ def config_without_open_clip(spec: BackboneSpec) -> dict[str, Any] | None:
     return _named_config(spec.model)
 
 
-def features_identity(spec: BackboneSpec) -> tuple[str, PreprocessConfig] | None:
+def features_identity(
+    spec: BackboneSpec, precision: str = "fp32"
+) -> tuple[str, PreprocessConfig] | None:
     """``(fingerprint, preprocess)`` the backbone of ``spec`` will have, without building it.
 
     Equal to :attr:`Backbone.fingerprint` and :attr:`Backbone.preprocess` once
@@ -158,7 +160,7 @@ def features_identity(spec: BackboneSpec) -> tuple[str, PreprocessConfig] | None
             return None
         weights_id = weights_identity(weights)
     preprocess = spec.preprocess or default_preprocess(config)
-    return features_fingerprint(config, weights_id, preprocess), preprocess
+    return features_fingerprint(config, weights_id, preprocess, precision=precision), preprocess
 
 
 def light_text_encoder(spec: BackboneSpec, device: str) -> LightTextEncoder | None:

@@ -61,6 +61,7 @@ class Backbone:
         preprocess: PreprocessConfig,
         device: str,
         weights_id: str,
+        precision: str = "fp32",
     ) -> None:
         self.model = model
         self.name = name
@@ -69,16 +70,23 @@ class Backbone:
         self.preprocess = preprocess
         self.device = device
         self.weights_id = weights_id
+        #: ``fp32``, ``fp16`` (both towers) or ``bf16`` (the image tower only).
+        self.precision = precision
         self._tokenizer: Any = None
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The image tower's number format (pixels are cast to it)."""
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the features produced: architecture + weights + preprocessing."""
-        return features_fingerprint(self.config, self.weights_id, self.preprocess)
+        """Identifies the features produced: architecture + weights + preprocessing + precision."""
+        return features_fingerprint(
+            self.config, self.weights_id, self.preprocess, precision=self.precision
+        )
 
     @property
     def context_length(self) -> int:
@@ -207,14 +215,21 @@ def text_tower_forward(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def features_fingerprint(
-    config: dict[str, Any], weights_id: str, preprocess: PreprocessConfig
+    config: dict[str, Any],
+    weights_id: str,
+    preprocess: PreprocessConfig,
+    *,
+    precision: str = "fp32",
 ) -> str:
     """The embedding cache's key for a backbone: architecture + weights + preprocessing.
 
     Shared by :class:`Backbone` and the open_clip-free text path
     (:mod:`imgrank.models.clip.light_text`), which must find the features a backbone stored.
+    The image tower's precision is part of it (features of two precisions never
+    mix); float32 adds nothing, so caches written before precision counted stay valid.
     """
-    blob = json.dumps(
-        {"config": config, "weights": weights_id, "pp": preprocess.to_dict()}, sort_keys=True
-    ).encode()
+    identity: dict[str, Any] = {"config": config, "weights": weights_id, "pp": preprocess.to_dict()}
+    if precision != "fp32":
+        identity["precision"] = precision
+    blob = json.dumps(identity, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
