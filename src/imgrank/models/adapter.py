@@ -20,7 +20,9 @@ Three variants reproduce the ablation rows of the paper (``AdapterConfig.variant
 Every variant returns ``(scores (N, 1), pair_logits (N*N, 1))`` from
 :meth:`RankingAdapter.forward`, row ``i*N + j`` of ``pair_logits`` meaning
 "image i ranks above image j", so the training loop does not branch on the
-variant. Sorting only needs :meth:`RankingAdapter.score` (O(N), no pairs).
+variant. Sorting only needs :meth:`RankingAdapter.score` (O(N), no pairs), or,
+for many batches by one prompt, :meth:`RankingAdapter.prepare_text` once and
+:meth:`RankingAdapter.score_prepared` per batch (the same numbers).
 
 torch is imported at module level here: this module is only imported by code
 that runs a model, never by ``imgrank.cli`` at start-up.
@@ -190,6 +192,42 @@ class _CrossAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), kv, kv, need_weights=False)[0]
         return x + self.mlp(self.ln_2(x))
 
+    def _projection(self, part: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention's query (0), key (1) or value (2) projection, from its packed weights."""
+        width = self.attn.embed_dim
+        bias = self.attn.in_proj_bias
+        rows = slice(part * width, (part + 1) * width)
+        return self.attn.in_proj_weight[rows], None if bias is None else bias[rows]
+
+    def text_keys_values(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's keys and values of text tokens (1, L, D): each (H, L, hd).
+
+        They depend on the prompt only, so a scorer computes them once instead of
+        once per image (:meth:`forward` recomputes them for every image).
+        """
+        kv = self.ln_1_kv(text)[0]  # (L, D)
+        heads = self.attn.num_heads
+        length, width = kv.shape
+        keys = nn.functional.linear(kv, *self._projection(1))
+        values = nn.functional.linear(kv, *self._projection(2))
+        split = (length, heads, width // heads)
+        return keys.reshape(split).transpose(0, 1), values.reshape(split).transpose(0, 1)
+
+    def forward_prepared(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward` with the text's keys and values from :meth:`text_keys_values`."""
+        n, p, width = x.shape
+        heads = self.attn.num_heads
+        q = nn.functional.linear(self.ln_1(x), *self._projection(0))  # (N, P, D)
+        # Every image attends to the same keys and values, and no query sees another:
+        # all N*P queries go through one attention, without copying the text N times.
+        q = q.reshape(n * p, heads, width // heads).transpose(0, 1)  # (H, N*P, hd)
+        attended = nn.functional.scaled_dot_product_attention(q, keys, values)  # (H, N*P, hd)
+        attended = attended.transpose(0, 1).reshape(n, p, width)
+        x = x + self.attn.out_proj(attended)
+        return x + self.mlp(self.ln_2(x))
+
 
 class _CrossModalBlock(nn.Module):
     """``num_layers`` x (self-attention, cross-attention), then LayerNorm and projection."""
@@ -290,6 +328,20 @@ class _RankingAwareAttention(nn.Module):
         return nn.functional.linear(diff, self.out_proj.weight) + num_queries * self.out_proj.bias
 
 
+@dataclass
+class PreparedText:
+    """One prompt's side of the adapter (:meth:`RankingAdapter.prepare_text`).
+
+    Attributes:
+        keys: Per cross-attention layer, the keys of the text tokens (H, L, hd),
+            learnable text tokens included.
+        values: The values, likewise.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
 class RankingAdapter(nn.Module):
     """The ranking-aware adapter.
 
@@ -370,6 +422,46 @@ class RankingAdapter(nn.Module):
     def score(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """Regression scores only (N, 1): what sorting needs, linear in N."""
         return self.regressor(self._pooled(self.fuse(image_tokens, text_tokens)))
+
+    def prepare_text(self, text_tokens: torch.Tensor) -> PreparedText:
+        """What the adapter computes from one prompt alone, for :meth:`score_prepared`.
+
+        Args:
+            text_tokens: (1, L, D) the prompt's text tokens.
+        """
+        width = self.config.d_model
+        if text_tokens.ndim != 3 or text_tokens.shape[0] != 1 or text_tokens.shape[-1] != width:
+            raise ModelError(
+                f"the adapter expects one prompt's text tokens (1, L, {width}); got "
+                f"{tuple(text_tokens.shape)}. The backbone's text tower is not the one this "
+                "adapter was trained on."
+            )
+        if self.learnable_text_tokens is not None:
+            learned = self.learnable_text_tokens.to(text_tokens.dtype).unsqueeze(-1)
+            text_tokens = torch.cat([learned.expand(1, -1, width), text_tokens], dim=1)
+        pairs = [cross.text_keys_values(text_tokens) for cross in self.crossmodal_block.cross_attn]
+        return PreparedText(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
+
+    def score_prepared(self, image_tokens: torch.Tensor, prepared: PreparedText) -> torch.Tensor:
+        """:meth:`score` for the prompt of ``prepared`` (:meth:`prepare_text`): (N, 1).
+
+        The same numbers as :meth:`score` (within float rounding, tested at 1e-5),
+        without recomputing the prompt's side of the cross-attention per image.
+        """
+        width = self.config.d_model
+        if image_tokens.ndim != 3 or image_tokens.shape[-1] != width:
+            raise ModelError(
+                f"the adapter expects image tokens (N, P, {width}); "
+                f"got {tuple(image_tokens.shape)}. "
+                "The backbone does not produce the tokens this adapter was trained on."
+            )
+        block = self.crossmodal_block
+        x = image_tokens
+        layers = zip(block.resblocks, block.cross_attn, prepared.keys, prepared.values, strict=True)
+        for attention, cross, keys, values in layers:
+            x = cross.forward_prepared(attention(x), keys, values)
+        fused = self.post_fuse_block(block.ln_final(x) @ block.projection)
+        return self.regressor(self._pooled(fused))
 
     def forward(
         self, image_tokens: torch.Tensor, text_tokens: torch.Tensor
