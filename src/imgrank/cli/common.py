@@ -253,12 +253,60 @@ def prepare_torch() -> None:
     share, not the host's), set before any tensor work so the pool starts at
     that size; see :func:`imgrank.models.device.cpu_threads_for_model` for
     the measurement. Called by the commands that run the torch model.
-    """
-    import torch
 
+    torch is not imported here: a re-sort served from the embedding and prompt
+    caches never needs it (importing it costs about a second). When torch is
+    not imported yet, the setting is applied the moment something imports it.
+    """
+    if "torch" in sys.modules:
+        _set_torch_threads(sys.modules["torch"])
+    elif not any(isinstance(finder, _OnTorchImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _OnTorchImport())
+
+
+def _set_torch_threads(torch: Any) -> None:
     from imgrank.models.device import cpu_threads_for_model
 
     torch.set_num_threads(cpu_threads_for_model())
+
+
+class _OnTorchImport:
+    """An import hook that applies :func:`prepare_torch` right after torch is first imported.
+
+    It only finds torch's own spec through the other finders and wraps its loader,
+    so torch loads exactly as it would without the hook; it removes itself after.
+    """
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "torch":
+            return None
+        import importlib.util
+
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)  # once, and never recursively
+        spec = importlib.util.find_spec("torch")
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenSetThreads(spec.loader)
+        return spec
+
+
+class _ThenSetThreads:
+    """A loader that runs torch's own loader, then sets the model's thread count."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        # torch's own loader again, for anything that inspects the module later.
+        module.__loader__ = module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _set_torch_threads(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ...
+        return getattr(self._loader, name)
 
 
 def check_before_writing() -> None:

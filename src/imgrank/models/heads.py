@@ -167,6 +167,40 @@ def load_head_module(config: HeadConfig, state: dict[str, Any], *, source: str) 
     return module.eval().requires_grad_(False)
 
 
+def numpy_head_callable(
+    config: HeadConfig, state: dict[str, np.ndarray], *, source: str
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The head as ``normalized embeddings (N, E) float32 -> scores (N,)``, in numpy.
+
+    Both published heads are affine maps (the MLP has no activations), a few
+    matrix products: numpy runs them without importing torch (a second of a
+    cached re-sort), giving the torch module's numbers within float rounding.
+
+    Raises:
+        ModelError: the state dict is not a head of ``config``'s kind and width.
+    """
+    detect_head(state, config.kind, source=source)
+    if config.kind == "linear-head":
+        names = [""]
+    else:
+        names = [f"layers.{index}." for index in MLP_LINEAR_INDICES]
+    layers = [
+        (
+            np.ascontiguousarray(np.asarray(state[name + "weight"], dtype=np.float32).T),
+            np.asarray(state[name + "bias"], dtype=np.float32),
+        )
+        for name in names
+    ]
+
+    def run(normalized: np.ndarray) -> np.ndarray:
+        x = np.asarray(normalized, dtype=np.float32)
+        for weight, bias in layers:
+            x = x @ weight + bias
+        return x.reshape(-1).astype(np.float64)
+
+    return run
+
+
 def torch_head_callable(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     """The head as ``normalized embeddings (N, E) float32 -> scores (N,)`` on the CPU."""
     import torch
