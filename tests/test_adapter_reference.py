@@ -134,11 +134,9 @@ def test_prepared_prompt_path_gives_the_reference_scores(ref: Reference) -> None
     """Sorting's path: the prompt's side prepared once, then the images (one prompt each here)."""
     images, texts = ref.outputs["image_tokens"], ref.outputs["text_tokens"]
     with torch.no_grad():
+        prepared = [ref.adapter.prepare_text(texts[i : i + 1]) for i in range(images.shape[0])]
         scores = torch.cat(
-            [
-                ref.adapter.score_prepared(images[i : i + 1], ref.adapter.prepare_text(texts[i : i + 1]))
-                for i in range(images.shape[0])
-            ]
+            [ref.adapter.score_prepared(images[i : i + 1], p) for i, p in enumerate(prepared)]
         )
     assert max_diff(scores, ref.outputs["adapter_logits"]) <= ATOL
 

@@ -199,15 +199,3 @@ def numpy_head_callable(
         return x.reshape(-1).astype(np.float64)
 
     return run
-
-
-def torch_head_callable(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    """The head as ``normalized embeddings (N, E) float32 -> scores (N,)`` on the CPU."""
-    import torch
-
-    def run(normalized: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = module(torch.from_numpy(np.ascontiguousarray(normalized, dtype=np.float32)))
-        return out.reshape(-1).double().numpy()
-
-    return run

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from imgrank.features.cache import PromptFeatures
     from imgrank.models.scoring import FeatureBatch
 
 
@@ -79,6 +80,24 @@ class Backbone:
     def fingerprint(self) -> str:
         """Identifies the features produced: architecture + weights + preprocessing."""
         return features_fingerprint(self.config, self.weights_id, self.preprocess)
+
+    @property
+    def text_fingerprint(self) -> str:
+        """Identifies this backbone's text features: the prompt cache's key."""
+        return text_features_fingerprint(self.config, self.weights_id, dtype_name(self.dtype))
+
+    def prompt_features(self, texts: list[str], *, tokens: bool = False) -> list[PromptFeatures]:
+        """Text features as the prompt cache stores them (float32 numpy, one per text)."""
+        from imgrank.features.cache import PromptFeatures
+
+        features = self.encode_text(texts)
+        scale = min(float(self.model.logit_scale.float().exp().item()), 100.0)
+        pooled = features.pooled.float().cpu().numpy()
+        grid = features.tokens.float().cpu().numpy() if tokens else None
+        return [
+            PromptFeatures(pooled[i], scale, None if grid is None else grid[i])
+            for i in range(len(texts))
+        ]
 
     @property
     def context_length(self) -> int:
@@ -218,3 +237,23 @@ def features_fingerprint(
         {"config": config, "weights": weights_id, "pp": preprocess.to_dict()}, sort_keys=True
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def text_features_fingerprint(config: dict[str, Any], weights_id: str, dtype: str) -> str:
+    """The prompt cache's key for a text tower: its architecture, weights and number format.
+
+    The image tower's config and the preprocessing are left out: text features
+    do not depend on them, so every image setting shares a prompt's entry.
+    Computed without building anything (:mod:`imgrank.models.clip.light_text`
+    must find what a built backbone stored, and the other way round).
+    """
+    text_part = {key: value for key, value in config.items() if key != "vision_cfg"}
+    blob = json.dumps(
+        {"text": text_part, "weights": weights_id, "dtype": dtype}, sort_keys=True
+    ).encode()
+    return "text:" + hashlib.sha256(blob).hexdigest()[:20]
+
+
+def dtype_name(dtype: Any) -> str:
+    """``float32`` for ``torch.float32``: a dtype as the text fingerprint names it."""
+    return str(dtype).removeprefix("torch.")
