@@ -130,6 +130,35 @@ def test_score_only_path_equals_forward(ref: Reference) -> None:
 
 
 @needs_reference
+def test_prepared_prompt_path_gives_the_reference_scores(ref: Reference) -> None:
+    """Sorting's path: the prompt's side prepared once, then the images (one prompt each here)."""
+    images, texts = ref.outputs["image_tokens"], ref.outputs["text_tokens"]
+    with torch.no_grad():
+        prepared = [ref.adapter.prepare_text(texts[i : i + 1]) for i in range(images.shape[0])]
+        scores = torch.cat(
+            [ref.adapter.score_prepared(images[i : i + 1], p) for i, p in enumerate(prepared)]
+        )
+    assert max_diff(scores, ref.outputs["adapter_logits"]) <= ATOL
+
+
+@pytest.mark.parametrize("variant", ["full", "ranking-head", "ltr"])
+def test_score_prepared_equals_score(variant: str) -> None:
+    torch.manual_seed(0)
+    config = AdapterConfig(
+        d_model=64, n_head=4, num_layers=2, n_reg_tokens=3, variant=variant,
+        num_learnable_text_tokens=0 if variant == "ltr" else 4,
+    )  # fmt: skip
+    adapter = RankingAdapter(config).eval()
+    images, text = torch.randn(5, 9, 64), torch.randn(1, 13, 64)
+    with torch.inference_mode():
+        expected = adapter.score(images, text)
+        got = adapter.score_prepared(images, adapter.prepare_text(text))
+        other = adapter.score_prepared(images, adapter.prepare_text(torch.randn(1, 13, 64)))
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(other, expected, atol=1e-3)  # the prompt does count
+
+
+@needs_reference
 def test_loss(ref: Reference) -> None:
     with torch.no_grad():
         scores, pairs = ref.adapter(ref.outputs["image_tokens"], ref.outputs["text_tokens"])

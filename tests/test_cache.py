@@ -234,7 +234,7 @@ def test_a_version_1_cache_is_upgraded_in_place_and_its_unverifiable_entries_dro
     )
     with cache:
         summary = cache.summary()
-        assert summary.schema_version == SCHEMA_VERSION == 2
+        assert summary.schema_version == SCHEMA_VERSION == 3
         assert summary.entries == 0, "a version 1 entry cannot tell a swapped file from its own"
         assert [m.fingerprint for m in summary.models] == ["fp"]
         model = cache.model_id("fp", "old model")

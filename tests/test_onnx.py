@@ -662,3 +662,34 @@ def test_an_external_data_reference_hidden_outside_the_graph_is_refused(
     path.write_bytes(model.SerializeToString())
     with pytest.raises(ModelError, match="points outside"):
         check_external_data(path)
+
+
+# --- the prompt cache on onnxruntime ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["zero-shot", "adapter"])
+def test_onnx_scorers_read_a_used_prompt_from_the_cache_without_the_text_session(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from imgrank.features.cache import EmbeddingCache
+    from imgrank.models.onnx_runtime import OnnxAdapterScorer, zero_shot_scorer
+    from imgrank.models.scoring import FeatureBatch
+
+    folder = request.getfixturevalue("tiny_export" if kind == "zero-shot" else "adapter_export")
+    pooled = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    batch = FeatureBatch(pooled=pooled)
+    with EmbeddingCache.open(tmp_path / "cache.sqlite3") as cache:
+        scorers = []
+        for run in range(2):
+            model = OnnxModel(folder, providers="cpu")
+            if kind == "zero-shot":
+                scorers.append(zero_shot_scorer(model, "image quality", cache=cache))
+            else:
+                scorers.append(OnnxAdapterScorer(model, "Rank the numbers of horse.", cache=cache))
+            # The second run finds its texts under the text graph's fingerprint.
+            assert ("text" in model._sessions) == (run == 0)
+        assert cache.summary().prompts == (2 if kind == "zero-shot" else 1)
+    if kind == "zero-shot":
+        np.testing.assert_array_equal(scorers[0].score(batch), scorers[1].score(batch))
+    else:  # the exact tokens back (float32 in the cache)
+        np.testing.assert_array_equal(scorers[0]._text_tokens, scorers[1]._text_tokens)

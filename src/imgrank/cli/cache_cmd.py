@@ -99,6 +99,7 @@ def info(
             "disk_bytes": summary.disk_bytes,
             "entries": summary.entries,
             "schema_version": summary.schema_version,
+            "prompts": summary.prompts,
             "models": [
                 {
                     "fingerprint": m.fingerprint,
@@ -123,6 +124,7 @@ def info(
     out.print(f"cache:   {escape(str(summary.path))}")
     out.print(f"on disk: {_size(summary.disk_bytes)}")
     out.print(f"entries: {summary.entries}")
+    out.print(f"prompts: {summary.prompts}")
     if integrity is not None:
         out.print(f"check:   {escape('; '.join(integrity[:5]))}")
     if summary.models:
@@ -167,7 +169,7 @@ def prune(cache: CacheOption = None) -> None:
 @app.command("clear", cls=ImgrankCommand)
 @handle_errors
 def clear(cache: CacheOption = None) -> None:
-    """Remove every entry (the next sort of each folder embeds its photos again)."""
+    """Remove every entry and cached prompt (the next sort of a folder embeds its photos again)."""
     path = _path(cache)
     before = _disk_usage(path)  # the files as they are, measured with nothing open
     store = _open(path)

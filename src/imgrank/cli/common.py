@@ -259,8 +259,6 @@ def prepare_torch() -> None:
     goes to ``OMP_NUM_THREADS``, which torch reads when it starts its pool; a
     count the user set there is kept.
     """
-    import sys
-
     from imgrank.models.device import cpu_threads_for_model
 
     threads = cpu_threads_for_model()

@@ -28,6 +28,28 @@ def _drop_type_labels(command: Any, ctx: Any) -> None:
         elif kind == "argument" and hasattr(param, "display_type_rich"):
             # The argument's metavar (FOLDER, LABELS) already names what it takes.
             param.display_type_rich = _no_type_label  # type: ignore[method-assign]
+        elif kind == "argument" and not isinstance(param.type, _Unlabelled):
+            # Typer before 0.29 labels an argument with its type's metavar instead.
+            param.type = _Unlabelled(param.type)
+
+
+class _Unlabelled:
+    """A parameter type that converts as the one it wraps but has no metavar to show.
+
+    Only help text reads metavars; a command printing its help exits right after.
+    """
+
+    def __init__(self, wrapped: Any) -> None:
+        self._wrapped = wrapped
+
+    def get_metavar(self, *_args: Any, **_kwargs: Any) -> str:
+        return ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapped(*args, **kwargs)
 
 
 class ImgrankGroup(TyperGroup):

@@ -5,6 +5,10 @@ One entry holds what the scorers need for one image file under one model:
 * the pooled embedding (float32) that zero-shot scoring reads, and
 * the visual tokens (float16 unless a value does not fit) that adapters read.
 
+Beside them, the ``prompts`` table keeps each prompt's text features per text
+tower (:class:`PromptFeatures`, read through :mod:`imgrank.features.prompts`), so a
+re-sort by a prompt used before runs no text tower at all.
+
 Entries are keyed on the file's absolute path and checked against its size,
 ``mtime_ns`` and inode number: a file that changed, or another file that took
 its name (two photos that swapped names keep their sizes and mtimes, but not
@@ -53,7 +57,10 @@ from imgrank.images.facts import FACTS_VERSION, CaptureTime, PhotoFacts
 #: 1: entries keyed on path, size, mtime_ns.
 #: 2: entries also carry the inode (version 1 served a file the features of
 #:    another that had swapped names with it).
-SCHEMA_VERSION = 2
+#: 3: a ``prompts`` table: each prompt's text features per text tower, so a
+#:    re-sort by a prompt used before runs no text tower (an additive step:
+#:    every entry of version 2 stays valid).
+SCHEMA_VERSION = 3
 
 #: SQLite ``application_id`` marking a file as an imgrank cache ("IMGR").
 APPLICATION_ID = 0x494D4752
@@ -72,6 +79,26 @@ DEFAULT_BUSY_TIMEOUT = 30.0
 LOOKUP_CHUNK = 256
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# A prompt's text features under one text tower (schema version 3). ``text`` is
+# the exact string fed to the tower (after the zero-shot antonym templates or an
+# adapter's prompt format), ``fingerprint`` the tower's identity
+# (imgrank.models.clip.towers.text_features_fingerprint, or an ONNX export's text
+# graph). Tokens are every context position after ln_final, stored only when an
+# adapter asked for them (77 x 512 float32 is 158 KB, a zero-shot sort needs none).
+_PROMPTS_TABLE = """
+    CREATE TABLE IF NOT EXISTS prompts (
+        fingerprint TEXT NOT NULL,
+        text TEXT NOT NULL,
+        pooled BLOB NOT NULL,
+        logit_scale REAL NOT NULL,
+        tokens BLOB,
+        token_count INTEGER,
+        token_dim INTEGER,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (fingerprint, text)
+    )
+    """
 
 _U64 = (1 << 64) - 1
 
@@ -126,6 +153,7 @@ _SCHEMA = (
         created_at REAL NOT NULL
     )
     """,
+    _PROMPTS_TABLE,
 )
 
 
@@ -137,9 +165,17 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     conn.execute("DELETE FROM entries")
 
 
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    # Additive: a new table. Image entries do not depend on it, so all are kept.
+    conn.execute(_PROMPTS_TABLE)
+
+
 #: ``{version: step}``: the step upgrades a file of that version to the next one,
 #: inside the write transaction that opens the cache.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
+}
 
 
 @dataclass(frozen=True)
@@ -183,6 +219,22 @@ class CachedFeatures:
     tokens: np.ndarray | None = None
 
 
+@dataclass
+class PromptFeatures:
+    """One text's features from a text tower, as the prompt cache stores them.
+
+    Attributes:
+        pooled: (E,) pooled, projected embedding, float32 (zero-shot scoring).
+        logit_scale: CLIP's temperature ``exp(logit_scale)``, capped at 100.
+        tokens: (L, D) every context position after ``ln_final``, float32
+            (adapters), or None when they were not asked for.
+    """
+
+    pooled: np.ndarray
+    logit_scale: float
+    tokens: np.ndarray | None = None
+
+
 @dataclass(frozen=True)
 class ModelSummary:
     """One model's share of the cache, for ``imgrank cache info``."""
@@ -207,6 +259,8 @@ class CacheSummary:
     entries: int
     schema_version: int
     models: list[ModelSummary] = field(default_factory=list)
+    #: Texts whose text features are cached (all text towers together).
+    prompts: int = 0
 
 
 @dataclass(frozen=True)
@@ -473,6 +527,10 @@ class EmbeddingCache:
     def __enter__(self) -> EmbeddingCache:
         return self
 
+    def warn(self, message: str) -> None:
+        """Tell the user something through the cache's warning hook (``on_warning``)."""
+        self._warn(message)
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 
@@ -657,6 +715,68 @@ class EmbeddingCache:
         ):
             self.flush()
 
+    def get_prompt(self, fingerprint: str, text: str) -> PromptFeatures | None:
+        """The features stored for ``text`` under a text tower's fingerprint, if any.
+
+        Raises:
+            CacheError: the table cannot be read (damaged, or locked too long).
+        """
+        try:
+            row = self._conn.execute(
+                "SELECT pooled, logit_scale, tokens, token_count, token_dim FROM prompts"
+                " WHERE fingerprint = ? AND text = ?",
+                (fingerprint, text),
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            self._note_damage(exc)
+            raise CacheError(f"cannot read the prompt cache in {self.path}: {exc}") from None
+        if row is None:
+            return None
+        try:
+            pooled = np.frombuffer(row[0], dtype=np.float32).copy()
+            tokens = None
+            if row[2] is not None:
+                tokens = np.frombuffer(row[2], dtype=np.float32).reshape(int(row[3]), int(row[4]))
+            return PromptFeatures(pooled, float(row[1]), None if tokens is None else tokens.copy())
+        except (TypeError, ValueError) as exc:  # a row of the wrong shape: damaged, not ours
+            raise CacheError(f"a prompt entry in {self.path} is malformed: {exc}") from None
+
+    def put_prompt(self, fingerprint: str, text: str, features: PromptFeatures) -> None:
+        """Store one text's features now, in one short transaction (float32: exact).
+
+        Not buffered like image entries: a run stores one or two texts, and a
+        later run must find them even if this one is killed mid-sort.
+
+        Raises:
+            CacheError: the table cannot be written (damaged, full disk, locked too long).
+        """
+        tokens = None
+        if features.tokens is not None:
+            tokens = np.ascontiguousarray(features.tokens, dtype=np.float32)
+            if tokens.ndim != 2:
+                raise ValueError(f"prompt tokens must be (L, D), not {tokens.shape}")
+        row = (
+            fingerprint,
+            text,
+            np.ascontiguousarray(features.pooled, dtype=np.float32).reshape(-1).tobytes(),
+            float(features.logit_scale),
+            None if tokens is None else tokens.tobytes(),
+            None if tokens is None else int(tokens.shape[0]),
+            None if tokens is None else int(tokens.shape[1]),
+            time.time(),
+        )
+        try:
+            with self._write():
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO prompts (fingerprint, text, pooled, logit_scale,"
+                    " tokens, token_count, token_dim, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+        except sqlite3.DatabaseError as exc:
+            self._note_damage(exc)
+            raise CacheError(f"cannot write the prompt cache in {self.path}: {exc}") from None
+
     def get_facts_many(self, keys: list[FileKey]) -> dict[str, PhotoFacts]:
         """Stored hashes and capture times of the files in ``keys`` that are unchanged.
 
@@ -786,12 +906,16 @@ class EmbeddingCache:
             )
         ]
         version = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        prompts = 0
+        if self._has_table("prompts"):
+            prompts = int(self._conn.execute("SELECT COUNT(*) FROM prompts").fetchone()[0])
         return CacheSummary(
             path=self.path,
             disk_bytes=disk_usage(self.path),
             entries=sum(m.entries for m in models),
             schema_version=int(version or 0),
             models=models,
+            prompts=prompts,
         )
 
     def prune(self, *, on_progress: Callable[[int], None] | None = None) -> PruneResult:
@@ -894,13 +1018,18 @@ class EmbeddingCache:
             self._conn.execute("DELETE FROM models")
             if self._has_facts_table():
                 self._conn.execute("DELETE FROM photo_facts")
+            if self._has_table("prompts"):
+                self._conn.execute("DELETE FROM prompts")
         self._reclaim()
         return int(removed)
 
     def _has_facts_table(self) -> bool:
+        return self._has_table("photo_facts")
+
+    def _has_table(self, name: str) -> bool:
         return (
             self._conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'photo_facts'"
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
             ).fetchone()
             is not None
         )

@@ -449,8 +449,11 @@ class CacheSession:
             self._disable(exc)
 
 
-def all_cached(paths: Sequence[Path], encoder: ImageEncoder, cache: EmbeddingCache) -> bool:
-    """Whether every file is in ``cache``, unchanged, for this encoder's features.
+def all_cached(
+    paths: Sequence[Path], encoder: ImageEncoder, cache: EmbeddingCache, *, tokens: bool = False
+) -> bool:
+    """Whether every file is in ``cache``, unchanged, for this encoder's features
+    (with visual tokens when ``tokens``: adapters read them).
 
     Used before anything heavy is loaded: when it holds, a run can be served
     without building the image tower (see :meth:`RankingModel.scorer`'s
@@ -464,7 +467,7 @@ def all_cached(paths: Sequence[Path], encoder: ImageEncoder, cache: EmbeddingCac
         model_id = cache.model_id(cache_fingerprint(encoder), describe_encoder(encoder))
         for start in range(0, len(keys), LOOKUP_CHUNK):
             chunk = keys[start : start + LOOKUP_CHUNK]
-            if len(cache.get_many(model_id, chunk, tokens=False)) != len(chunk):
+            if len(cache.get_many(model_id, chunk, tokens=tokens)) != len(chunk):
                 return False
     except Exception:  # noqa: BLE001 - the stream itself reports what went wrong
         return False

@@ -20,7 +20,9 @@ Three variants reproduce the ablation rows of the paper (``AdapterConfig.variant
 Every variant returns ``(scores (N, 1), pair_logits (N*N, 1))`` from
 :meth:`RankingAdapter.forward`, row ``i*N + j`` of ``pair_logits`` meaning
 "image i ranks above image j", so the training loop does not branch on the
-variant. Sorting only needs :meth:`RankingAdapter.score` (O(N), no pairs).
+variant. Sorting only needs :meth:`RankingAdapter.score` (O(N), no pairs), or,
+for many batches by one prompt, :meth:`RankingAdapter.prepare_text` once and
+:meth:`RankingAdapter.score_prepared` per batch (the same numbers).
 
 torch is imported at module level here: this module is only imported by code
 that runs a model, never by ``imgrank.cli`` at start-up.
@@ -30,118 +32,18 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from imgrank.errors import ModelError
 
-Variant = Literal["full", "ranking-head", "ltr"]
-VARIANTS: tuple[str, ...] = ("full", "ranking-head", "ltr")
+# The configuration lives in a torch-free module (reading a model folder needs no torch);
+# it is re-exported here, where the authors' code would look for it.
+from imgrank.models.adapter_config import VARIANTS, AdapterConfig, Variant
 
-# Values of the authors' own config switches that this module implements. Any
-# other value selects code paths of theirs we do not have, so a config asking
-# for one is refused instead of being run as something else.
-_SUPPORTED_AUTHOR_SWITCHES = {
-    "cross_attn_method": ("cross-qkv",),
-    "reg_token_method": ("cross-attn-sum",),
-    "adapter_attention_pooler": ("rank-attn",),
-}
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """Shape and variant of a ranking-aware adapter.
-
-    ``AdapterConfig(**adapter_cfg)`` accepts the ``adapter_cfg`` dict of the
-    authors' model configs as is; the keys of theirs that select behaviour
-    (``cross_attn_method``, ``reg_token_method``, ``adapter_attention_pooler``)
-    are checked against the one implementation they released, and any other
-    unknown key is kept in :attr:`extra` so a config survives a round trip.
-
-    Attributes:
-        d_model: Width D of the adapter; image tokens and text tokens must both
-            have this width (the backbone's ``embed_dim`` for image tokens, the
-            text tower's width for text tokens).
-        num_layers: Layers of the cross-modal block and of the post-fusion encoder.
-        n_head: Attention heads everywhere in the adapter.
-        num_learnable_text_tokens: K learnable scalars prepended to the text
-            tokens (each broadcast to a D-vector); 0 disables them.
-        n_reg_tokens: Q query tokens of the ranking-aware attention.
-        variant: ``"full"``, ``"ranking-head"`` or ``"ltr"`` (see the module doc).
-        dropout: Dropout of the post-fusion encoder layers (training only).
-        cross_attn_method: The authors' switch; only ``"cross-qkv"`` exists.
-        reg_token_method: The authors' switch; only ``"cross-attn-sum"`` exists.
-        adapter_attention_pooler: The authors' switch; only ``"rank-attn"`` exists.
-        extra: Other keys found in a config, kept verbatim.
-    """
-
-    d_model: int = 768
-    num_layers: int = 2
-    n_head: int = 8
-    num_learnable_text_tokens: int = 32
-    n_reg_tokens: int = 16
-    variant: Variant = "full"
-    dropout: float = 0.1
-    cross_attn_method: str = "cross-qkv"
-    reg_token_method: str = "cross-attn-sum"
-    adapter_attention_pooler: str = "rank-attn"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    def __init__(self, **kwargs: Any) -> None:
-        # A hand-written __init__ so that unknown keys of the authors' configs
-        # land in ``extra`` instead of raising TypeError.
-        names = {f.name for f in fields(self)} - {"extra"}
-        extra = dict(kwargs.pop("extra", None) or {})
-        for f in fields(self):
-            if f.name == "extra":
-                continue
-            value = kwargs.pop(f.name) if f.name in kwargs else f.default
-            object.__setattr__(self, f.name, value)
-        extra.update({k: v for k, v in kwargs.items() if k not in names})
-        object.__setattr__(self, "extra", extra)
-        self._validate()
-
-    def _validate(self) -> None:
-        problems = []
-        for name in ("d_model", "num_layers", "n_head"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be a positive integer, not {value!r}")
-        for name in ("num_learnable_text_tokens", "n_reg_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                problems.append(f"{name} must be a non-negative integer, not {value!r}")
-        if not problems and self.d_model % self.n_head:
-            problems.append(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
-        if self.variant not in VARIANTS:
-            problems.append(f"variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
-        if self.variant == "full" and self.n_reg_tokens < 1:
-            problems.append('variant "full" needs n_reg_tokens >= 1 (the ranking-aware queries)')
-        if not 0.0 <= float(self.dropout) < 1.0:
-            problems.append(f"dropout must be in [0, 1), not {self.dropout!r}")
-        for name, supported in _SUPPORTED_AUTHOR_SWITCHES.items():
-            if getattr(self, name) not in supported:
-                problems.append(
-                    f"{name}={getattr(self, name)!r} is not implemented "
-                    f"(imgrank implements {', '.join(supported)}, the released model)"
-                )
-        if problems:
-            raise ModelError("invalid adapter config: " + "; ".join(problems))
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict that :class:`AdapterConfig` accepts back (``extra`` flattened in)."""
-        data = asdict(self)
-        extra = data.pop("extra")
-        data.update(extra)
-        return data
-
+__all__ = ["VARIANTS", "AdapterConfig", "RankingAdapter", "Variant", "count_parameters"]
 
 class _MLP(nn.Sequential):
     """D -> 4D -> D with GELU; the module names are the authors' keys."""
@@ -188,6 +90,42 @@ class _CrossAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         kv = self.ln_1_kv(text)
         x = x + self.attn(self.ln_1(x), kv, kv, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+    def _projection(self, part: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention's query (0), key (1) or value (2) projection, from its packed weights."""
+        width = self.attn.embed_dim
+        bias = self.attn.in_proj_bias
+        rows = slice(part * width, (part + 1) * width)
+        return self.attn.in_proj_weight[rows], None if bias is None else bias[rows]
+
+    def text_keys_values(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's keys and values of text tokens (1, L, D): each (H, L, hd).
+
+        They depend on the prompt only, so a scorer computes them once instead of
+        once per image (:meth:`forward` recomputes them for every image).
+        """
+        kv = self.ln_1_kv(text)[0]  # (L, D)
+        heads = self.attn.num_heads
+        length, width = kv.shape
+        keys = nn.functional.linear(kv, *self._projection(1))
+        values = nn.functional.linear(kv, *self._projection(2))
+        split = (length, heads, width // heads)
+        return keys.reshape(split).transpose(0, 1), values.reshape(split).transpose(0, 1)
+
+    def forward_prepared(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward` with the text's keys and values from :meth:`text_keys_values`."""
+        n, p, width = x.shape
+        heads = self.attn.num_heads
+        q = nn.functional.linear(self.ln_1(x), *self._projection(0))  # (N, P, D)
+        # Every image attends to the same keys and values, and no query sees another:
+        # all N*P queries go through one attention, without copying the text N times.
+        q = q.reshape(n * p, heads, width // heads).transpose(0, 1)  # (H, N*P, hd)
+        attended = nn.functional.scaled_dot_product_attention(q, keys, values)  # (H, N*P, hd)
+        attended = attended.transpose(0, 1).reshape(n, p, width)
+        x = x + self.attn.out_proj(attended)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -290,6 +228,20 @@ class _RankingAwareAttention(nn.Module):
         return nn.functional.linear(diff, self.out_proj.weight) + num_queries * self.out_proj.bias
 
 
+@dataclass
+class PreparedText:
+    """One prompt's side of the adapter (:meth:`RankingAdapter.prepare_text`).
+
+    Attributes:
+        keys: Per cross-attention layer, the keys of the text tokens (H, L, hd),
+            learnable text tokens included.
+        values: The values, likewise.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
 class RankingAdapter(nn.Module):
     """The ranking-aware adapter.
 
@@ -370,6 +322,46 @@ class RankingAdapter(nn.Module):
     def score(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """Regression scores only (N, 1): what sorting needs, linear in N."""
         return self.regressor(self._pooled(self.fuse(image_tokens, text_tokens)))
+
+    def prepare_text(self, text_tokens: torch.Tensor) -> PreparedText:
+        """What the adapter computes from one prompt alone, for :meth:`score_prepared`.
+
+        Args:
+            text_tokens: (1, L, D) the prompt's text tokens.
+        """
+        width = self.config.d_model
+        if text_tokens.ndim != 3 or text_tokens.shape[0] != 1 or text_tokens.shape[-1] != width:
+            raise ModelError(
+                f"the adapter expects one prompt's text tokens (1, L, {width}); got "
+                f"{tuple(text_tokens.shape)}. The backbone's text tower is not the one this "
+                "adapter was trained on."
+            )
+        if self.learnable_text_tokens is not None:
+            learned = self.learnable_text_tokens.to(text_tokens.dtype).unsqueeze(-1)
+            text_tokens = torch.cat([learned.expand(1, -1, width), text_tokens], dim=1)
+        pairs = [cross.text_keys_values(text_tokens) for cross in self.crossmodal_block.cross_attn]
+        return PreparedText(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
+
+    def score_prepared(self, image_tokens: torch.Tensor, prepared: PreparedText) -> torch.Tensor:
+        """:meth:`score` for the prompt of ``prepared`` (:meth:`prepare_text`): (N, 1).
+
+        The same numbers as :meth:`score` (within float rounding, tested at 1e-5),
+        without recomputing the prompt's side of the cross-attention per image.
+        """
+        width = self.config.d_model
+        if image_tokens.ndim != 3 or image_tokens.shape[-1] != width:
+            raise ModelError(
+                f"the adapter expects image tokens (N, P, {width}); "
+                f"got {tuple(image_tokens.shape)}. "
+                "The backbone does not produce the tokens this adapter was trained on."
+            )
+        block = self.crossmodal_block
+        x = image_tokens
+        layers = zip(block.resblocks, block.cross_attn, prepared.keys, prepared.values, strict=True)
+        for attention, cross, keys, values in layers:
+            x = cross.forward_prepared(attention(x), keys, values)
+        fused = self.post_fuse_block(block.ln_final(x) @ block.projection)
+        return self.regressor(self._pooled(fused))
 
     def forward(
         self, image_tokens: torch.Tensor, text_tokens: torch.Tensor

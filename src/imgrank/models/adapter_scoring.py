@@ -3,7 +3,10 @@
 :class:`AdapterScorer` follows :class:`imgrank.models.scoring.Scorer`: it reads the
 visual tokens of a batch and returns the adapter's regression score per image
 (one forward per batch, no pairs, so sorting N images costs O(N)). The
-prompt's text tokens are computed once, when the scorer is built.
+prompt's text tokens are computed once (or read from the prompt cache), and so
+is everything of the adapter that depends on the prompt alone
+(:meth:`imgrank.models.adapter.RankingAdapter.prepare_text`): the
+cross-attention's keys and values are not recomputed for every image.
 :meth:`imgrank.models.ranking_model.RankingModel.scorer` builds it.
 """
 
@@ -16,8 +19,8 @@ import numpy as np
 from imgrank.errors import AdapterMismatchError, ModelError
 
 if TYPE_CHECKING:
-    from imgrank.models.checkpoints import ModelFolder
     from imgrank.models.adapter import RankingAdapter
+    from imgrank.models.checkpoints import ModelFolder
     from imgrank.models.clip.towers import TextFeatures
     from imgrank.models.scoring import FeatureBatch
 
@@ -41,20 +44,25 @@ class AdapterScorer:
     def __init__(
         self,
         adapter: RankingAdapter,
-        text_encoder: TextEncoder,
+        text_encoder: TextEncoder | None,
         prompt: str,
         *,
         prompt_format: str = "{}",
         name: str | None = None,
+        text_tokens: np.ndarray | None = None,
     ) -> None:
         """Encode the prompt once.
 
         Args:
             adapter: The adapter (eval mode); it runs on its own device in float32.
-            text_encoder: The backbone whose text tower the adapter was trained with.
+            text_encoder: The backbone whose text tower the adapter was trained with
+                (None when ``text_tokens`` are given).
             prompt: The user's prompt.
             prompt_format: ``{}`` is replaced by the prompt (``{}``: verbatim).
             name: Display name (default: the adapter's variant).
+            text_tokens: (L, D) the formatted prompt's text tokens, already computed
+                (the prompt cache's, or the open_clip-free tower's); then
+                ``text_encoder`` is not used.
         """
         import torch
 
@@ -64,7 +72,12 @@ class AdapterScorer:
         self.prompt = prompt_format.replace("{}", prompt)
         parameter = next(adapter.parameters())
         self._device, self._dtype = parameter.device, parameter.dtype
-        tokens = text_encoder.encode_text([self.prompt]).tokens  # (1, L, D)
+        if text_tokens is not None:
+            tokens = torch.from_numpy(np.array(text_tokens, dtype=np.float32))[None]
+        elif text_encoder is not None:
+            tokens = text_encoder.encode_text([self.prompt]).tokens  # (1, L, D)
+        else:
+            raise ValueError("AdapterScorer needs a text encoder or the prompt's text tokens")
         self._text = tokens.detach().to(self._device, dtype=self._dtype).clone()
         width = adapter.config.d_model
         if self._text.ndim != 3 or self._text.shape[-1] != width:
@@ -74,6 +87,8 @@ class AdapterScorer:
             )
         self.name = name or f"ranking adapter ({adapter.config.variant})"
         self._torch = torch
+        with torch.inference_mode():
+            self._prepared = adapter.prepare_text(self._text)
 
     def score(self, batch: FeatureBatch) -> np.ndarray:
         """(N,) regression scores of the batch, higher = more of the prompt."""
@@ -84,7 +99,7 @@ class AdapterScorer:
             self._device, dtype=self._dtype
         )
         with torch.inference_mode():
-            scores = self.adapter.score(tokens, self._text)
+            scores = self.adapter.score_prepared(tokens, self._prepared)
         return scores.reshape(-1).double().cpu().numpy()
 
 

@@ -96,8 +96,7 @@ def export_key(spec: BackboneSpec, folder: ModelFolder | None) -> str | None:
     config only open_clip can read, or a Hugging Face tokenizer (not exported).
     """
     from imgrank.models.clip.light_text import config_without_open_clip, features_identity
-    from imgrank.models.onnx_export import DEFAULT_OPSET
-    from imgrank.models.onnx_runtime import FORMAT_VERSION
+    from imgrank.models.onnx_runtime import DEFAULT_OPSET, FORMAT_VERSION
 
     config = config_without_open_clip(spec)
     identity = features_identity(spec)

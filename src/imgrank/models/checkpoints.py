@@ -60,7 +60,8 @@ from imgrank.models.clip.config import (
 if TYPE_CHECKING:
     import torch
 
-    from imgrank.models.adapter import AdapterConfig, RankingAdapter
+    from imgrank.models.adapter import RankingAdapter
+    from imgrank.models.adapter_config import AdapterConfig
     from imgrank.models.heads import HeadConfig
 
 FORMAT_NAME = "imgrank-adapter"
@@ -272,7 +273,6 @@ def load_model_folder(path: str | Path) -> ModelFolder:
         ModelError: not a model folder, an unknown format version, or a config
             that names files outside the folder or formats that would need unpickling.
     """
-    from imgrank.models.adapter import AdapterConfig
     from imgrank.models.heads import HEAD_KINDS, HeadConfig
 
     folder = Path(path).expanduser().resolve()
@@ -306,6 +306,9 @@ def load_model_folder(path: str | Path) -> ModelFolder:
             if head.kind != kind:
                 raise TypeError(f"kind {kind!r} but head kind {head.kind!r}")
         elif kind == "adapter":
+            # The torch-free configuration: reading a folder never imports torch.
+            from imgrank.models.adapter_config import AdapterConfig
+
             adapter_config = AdapterConfig(**data["adapter"])
         else:
             raise TypeError(f"unknown kind {kind!r}")
@@ -549,6 +552,30 @@ def load_head(folder: ModelFolder | str | Path) -> torch.nn.Module:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"cannot read {weights}: {exc}") from None
     return load_head_module(folder.head, state, source=str(weights))
+
+
+def load_head_arrays(folder: ModelFolder | str | Path) -> dict[str, Any]:
+    """The folder's head weights as float32 numpy arrays (read without torch).
+
+    Raises:
+        ModelError: not a head folder, or a missing or unreadable weights file.
+    """
+    import numpy as np
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not isinstance(folder, ModelFolder):
+        folder = load_model_folder(folder)
+    if folder.head is None:
+        raise ModelError(f"{folder.path} holds a ranking adapter, not a head")
+    weights = folder.head_weights
+    if not weights.is_file():
+        raise ModelError(f"{weights} is missing: the model folder is incomplete")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot read {weights}: {exc}") from None
+    return {key: np.asarray(value, dtype=np.float32) for key, value in state.items()}
 
 
 def looks_like_head(path: str | Path) -> bool:

@@ -41,11 +41,23 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def cuda_possible() -> bool:
-    """Whether an NVIDIA driver is loaded, told without importing torch (which costs ~1 s).
+    """Whether ``--device auto`` could pick CUDA, answered without importing torch where possible.
 
-    False means torch cannot find a CUDA device; True that it may.
+    Without an NVIDIA or AMD device node no CUDA (or ROCm) device can exist, so
+    torch (a second to import) is asked only where one might, or where the
+    platform has no such nodes to look at (Windows).
     """
-    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+    import glob
+    import platform
+
+    system = platform.system()
+    if system == "Darwin":
+        return False  # MPS runs float32 like the CPU
+    if system == "Linux" and not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def gpu_present() -> bool:

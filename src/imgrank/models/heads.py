@@ -67,7 +67,8 @@ def expected_shapes(config: HeadConfig) -> dict[str, tuple[int, ...]]:
         return {"weight": (1, config.input_dim), "bias": (1,)}
     widths = (config.input_dim, *MLP_WIDTHS, 1)
     shapes: dict[str, tuple[int, ...]] = {}
-    for index, (fan_in, fan_out) in zip(MLP_LINEAR_INDICES, zip(widths, widths[1:], strict=False), strict=True):
+    layers = zip(widths, widths[1:], strict=False)  # consecutive widths: (in, out) per layer
+    for index, (fan_in, fan_out) in zip(MLP_LINEAR_INDICES, layers, strict=True):
         shapes[f"layers.{index}.weight"] = (fan_out, fan_in)
         shapes[f"layers.{index}.bias"] = (fan_out,)
     return shapes
@@ -167,13 +168,35 @@ def load_head_module(config: HeadConfig, state: dict[str, Any], *, source: str) 
     return module.eval().requires_grad_(False)
 
 
-def torch_head_callable(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    """The head as ``normalized embeddings (N, E) float32 -> scores (N,)`` on the CPU."""
-    import torch
+def numpy_head_callable(
+    config: HeadConfig, state: dict[str, np.ndarray], *, source: str
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The head as ``normalized embeddings (N, E) float32 -> scores (N,)``, in numpy.
+
+    Both published heads are affine maps (the MLP has no activations), a few
+    matrix products: numpy runs them without importing torch (a second of a
+    cached re-sort), giving the torch module's numbers within float rounding.
+
+    Raises:
+        ModelError: the state dict is not a head of ``config``'s kind and width.
+    """
+    detect_head(state, config.kind, source=source)
+    if config.kind == "linear-head":
+        names = [""]
+    else:
+        names = [f"layers.{index}." for index in MLP_LINEAR_INDICES]
+    layers = [
+        (
+            np.ascontiguousarray(np.asarray(state[name + "weight"], dtype=np.float32).T),
+            np.asarray(state[name + "bias"], dtype=np.float32),
+        )
+        for name in names
+    ]
 
     def run(normalized: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = module(torch.from_numpy(np.ascontiguousarray(normalized, dtype=np.float32)))
-        return out.reshape(-1).double().numpy()
+        x = np.asarray(normalized, dtype=np.float32)
+        for weight, bias in layers:
+            x = x @ weight + bias
+        return x.reshape(-1).astype(np.float64)
 
     return run

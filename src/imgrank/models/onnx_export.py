@@ -43,6 +43,7 @@ from imgrank import __version__
 from imgrank.errors import ModelError, UsageError
 from imgrank.models.onnx_runtime import (
     ADAPTER_FILE,
+    DEFAULT_OPSET,
     FORMAT_NAME,
     FORMAT_VERSION,
     HEAD_GRAPH_FILE,
@@ -60,8 +61,6 @@ if TYPE_CHECKING:
     from imgrank.models.clip.towers import Backbone
     from imgrank.models.ranking_model import TorchRankingModel
 
-#: ONNX operator set: 17 has LayerNormalization as one op, and onnxruntime >= 1.14 runs it.
-DEFAULT_OPSET = 17
 #: Largest relative drift between onnxruntime and torch that an export accepts.
 DEFAULT_TOLERANCE = 1e-4
 

@@ -12,6 +12,10 @@ the objects the pipeline already knows:
 * :func:`zero_shot_scorer` builds the numpy-only
   :class:`imgrank.models.scoring.ZeroShotScorer` from the ONNX text encoder;
 * :class:`OnnxAdapterScorer` scores visual tokens with the exported adapter head;
+  both read a prompt's text features from the prompt cache
+  (:mod:`imgrank.features.prompts`) when it was used before, under the text
+  graph's fingerprint (:attr:`OnnxModel.text_fingerprint`), so the text session
+  is then never built;
 * :meth:`OnnxModel.run_head` runs an exported linear/MLP head on pooled embeddings.
 
 :func:`imgrank.models.loading.load_model` wraps these in a ranking model.
@@ -44,11 +48,17 @@ from imgrank.models.scoring import FeatureBatch, ZeroShotScorer, antonym_pair
 if TYPE_CHECKING:
     import onnxruntime
 
+    from imgrank.features.cache import EmbeddingCache, PromptFeatures
+
 
 #: The manifest every exported folder carries; its presence marks an imgrank export.
 MANIFEST_NAME = "imgrank-onnx.json"
 #: Bumped when the folder layout changes in a way older readers cannot follow.
 FORMAT_VERSION = 1
+#: ONNX operator set of imgrank's exports: 17 has LayerNormalization as one op, and
+#: onnxruntime >= 1.14 runs it (here, not in onnx_export, so the automatic export's key
+#: is computed without importing the exporter).
+DEFAULT_OPSET = 17
 FORMAT_NAME = "imgrank-onnx"
 
 IMAGE_FILE = "image_encoder.onnx"
@@ -341,10 +351,14 @@ class OnnxModel:
     ) -> None:
         self.folder = Path(folder).expanduser()
         self.manifest = read_manifest(self.folder)
-        self.requested_providers = resolve_providers(providers)
         self._explicit_providers = not (
             providers is None
             or (isinstance(providers, str) and providers.strip().lower() in ("", "auto"))
+        )
+        # Providers the user named are checked now; the default is looked up when a
+        # session starts (importing onnxruntime costs a re-sort served from the cache).
+        self._providers: list[str] | None = (
+            resolve_providers(providers) if self._explicit_providers else None
         )
         self._threads = intra_op_threads
         self._sessions: dict[str, onnxruntime.InferenceSession] = {}
@@ -358,6 +372,13 @@ class OnnxModel:
                 f"{self.manifest_path} is malformed ({type(exc).__name__}: {exc}); export the "
                 "model again with `imgrank export`"
             ) from None
+
+    @property
+    def requested_providers(self) -> list[str]:
+        """The execution providers sessions ask for, in order (see :func:`resolve_providers`)."""
+        if self._providers is None:
+            self._providers = resolve_providers(None)
+        return self._providers
 
     def _read_graphs(self) -> None:
         files = self.manifest["files"]
@@ -466,6 +487,57 @@ class OnnxModel:
         ids = self.tokenizer(texts)
         pooled, tokens = self.session("text").run(["pooled", "tokens"], {"input_ids": ids})
         return np.asarray(pooled, dtype=np.float32), np.asarray(tokens, dtype=np.float32)
+
+    @property
+    def text_fingerprint(self) -> str:
+        """Identifies the text features: the text graph, the tokenizer and the temperature.
+
+        Read from the manifest and two stats, so a re-sort by a prompt used
+        before builds no session. Size and modification time of both files are
+        added, as for the image graph, so files replaced by hand never reuse
+        features cached for the old ones.
+        """
+        graph = self.graphs["text"]
+        relative = self.manifest["files"].get("tokenizer", TOKENIZER_FILE)
+        tokenizer = _inside(self.folder, relative, what="tokenizer", source=self.manifest_path)
+        parts: dict[str, Any] = {
+            "runtime": "onnx",
+            "text_graph": graph.sha256 or _sha256_file(graph.path),
+            "logit_scale": self.logit_scale,
+            "context_length": self.context_length,
+        }
+        for name, path in (("graph", graph.path), ("tokenizer", tokenizer)):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue  # a missing tokenizer is reported when it is needed
+            parts[name] = [stat.st_size, stat.st_mtime_ns]
+        blob = json.dumps(parts, sort_keys=True).encode()
+        return "text:" + hashlib.sha256(blob).hexdigest()[:20]
+
+    def prompt_features(self, texts: list[str], *, tokens: bool = False) -> list[PromptFeatures]:
+        """Text features as the prompt cache stores them (the text session runs)."""
+        from imgrank.features.cache import PromptFeatures
+
+        pooled, grid = self.encode_text(texts)
+        return [
+            PromptFeatures(pooled[i], self.logit_scale, grid[i] if tokens else None)
+            for i in range(len(texts))
+        ]
+
+    def text_features(
+        self, texts: list[str], *, tokens: bool = False, cache: EmbeddingCache | None = None
+    ) -> list[PromptFeatures]:
+        """Features of texts, from the prompt cache when stored there (see the module doc)."""
+        from imgrank.features.prompts import prompt_features
+
+        return prompt_features(
+            texts,
+            self.prompt_features,
+            fingerprint=self.text_fingerprint,
+            cache=cache,
+            tokens=tokens,
+        )
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -586,24 +658,33 @@ class OnnxImageEncoder:
         return FeatureBatch(pooled=np.asarray(pooled, dtype=np.float32))
 
 
-def zero_shot_scorer(model: OnnxModel, prompt: str, against: str | None = None) -> ZeroShotScorer:
-    """The zero-shot antonym-pair scorer, its texts encoded by the ONNX text tower."""
+def zero_shot_scorer(
+    model: OnnxModel,
+    prompt: str,
+    against: str | None = None,
+    *,
+    cache: EmbeddingCache | None = None,
+) -> ZeroShotScorer:
+    """The zero-shot antonym-pair scorer, its texts encoded by the ONNX text tower
+    (or read from the prompt cache of ``cache``)."""
     positive, negative = antonym_pair(prompt, against)
-    pooled, _tokens = model.encode_text([positive, negative])
-    return ZeroShotScorer(pooled, model.logit_scale, positive, negative)
+    features = model.text_features([positive, negative], cache=cache)
+    return ZeroShotScorer.from_prompt_features(features, positive, negative)
 
 
 class OnnxAdapterScorer:
     """Scores images with the exported ranking-aware adapter head for one prompt.
 
-    The prompt's text tokens are computed once with the ONNX text tower; each
-    batch of visual tokens then goes through the head, whose ``scores`` output
-    is the adapter's per-image regression score.
+    The prompt's text tokens are computed once with the ONNX text tower (or read
+    from the prompt cache); each batch of visual tokens then goes through the
+    head, whose ``scores`` output is the adapter's per-image regression score.
     """
 
     needs_tokens = True
 
-    def __init__(self, model: OnnxModel, prompt: str) -> None:
+    def __init__(
+        self, model: OnnxModel, prompt: str, *, cache: EmbeddingCache | None = None
+    ) -> None:
         if not model.has_adapter:
             raise UsageError(
                 f"{model.folder} was exported without an adapter; export with "
@@ -620,8 +701,9 @@ class OnnxAdapterScorer:
             f"ranking adapter {adapter.get('name', 'adapter')} ({adapter.get('variant', 'full')}) "
             f"on {adapter.get('backbone', model.manifest['model'].get('name', '?'))}, onnxruntime"
         )
-        _pooled, text_tokens = model.encode_text([self.prompt])
-        self._text_tokens = np.ascontiguousarray(text_tokens[:1], dtype=np.float32)
+        (features,) = model.text_features([self.prompt], tokens=True, cache=cache)
+        assert features.tokens is not None
+        self._text_tokens = np.ascontiguousarray(features.tokens[None], dtype=np.float32)
 
     def score(self, batch: FeatureBatch) -> np.ndarray:
         if batch.tokens is None:

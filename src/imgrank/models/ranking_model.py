@@ -18,7 +18,11 @@ kind            scores                                       reads
 
 The torch backbone is built lazily: a re-sort whose photos are all in the
 embedding cache (:meth:`RankingModel.fully_cached`) scores without building
-the image tower, and a zero-shot or head re-sort without importing open_clip.
+the image tower, and without importing open_clip: a prompt's text features
+come from the prompt cache (:mod:`imgrank.features.prompts`) when it was used
+before, else from the open_clip-free text tower
+(:mod:`imgrank.models.clip.light_text`). A zero-shot or head re-sort by a
+prompt used before imports no torch at all.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from imgrank.models.clip.config import BackboneSpec, PreprocessConfig
 from imgrank.models.scoring import FeatureBatch, Scorer, ZeroShotScorer, antonym_pair
 
 if TYPE_CHECKING:
-    from imgrank.features.cache import EmbeddingCache
+    from imgrank.features.cache import EmbeddingCache, PromptFeatures
     from imgrank.models.checkpoints import ModelFolder
     from imgrank.models.clip.towers import Backbone
     from imgrank.models.onnx_runtime import OnnxModel
@@ -50,7 +54,7 @@ class HeadScorer:
     """Scores the pooled embedding with a head; the prompt's words are not read.
 
     ``head`` maps L2-normalised pooled embeddings (N, E) float32 to (N,)
-    scores: a torch module wrapped by :func:`imgrank.models.heads.torch_head_callable`
+    scores: the head in numpy (:func:`imgrank.models.heads.numpy_head_callable`)
     or the exported graph's onnxruntime session.
     """
 
@@ -114,14 +118,18 @@ class RankingModel:
     def fully_cached(self, paths: Sequence[Path], cache: EmbeddingCache) -> bool:
         """Whether every path is cached for this model, checked without building the backbone.
 
-        False whenever that would cost a build (or the model needs more than
-        the pooled embedding). When True, pass ``images_cached=True`` to
-        :meth:`scorer`.
+        With visual tokens for adapters. False whenever the check itself would
+        cost a build. When True, pass ``images_cached=True`` to :meth:`scorer`.
         """
         return False
 
     def scorer(
-        self, prompt: str, against: str | None = None, *, images_cached: bool = False
+        self,
+        prompt: str,
+        against: str | None = None,
+        *,
+        images_cached: bool = False,
+        cache: EmbeddingCache | None = None,
     ) -> Scorer:
         """The scorer for a prompt.
 
@@ -133,6 +141,9 @@ class RankingModel:
             images_cached: The caller checked :meth:`fully_cached`: the image
                 tower will not run, so it (and, where possible, open_clip) is
                 not loaded.
+            cache: The run's embedding cache: the prompt's text features are
+                read from it when stored there, else computed and stored (a
+                cache that fails costs a warning through its own warning hook).
 
         Raises:
             UsageError: an empty prompt, or ``against`` for a model that is not zero-shot.
@@ -151,9 +162,15 @@ class RankingModel:
                     f"--against is for zero-shot scoring; {what} ignores the prompt's words"
                 )
             raise UsageError(f"--against is for zero-shot scoring; {what} reads --by as it is")
-        return self._scorer(prompt, against, images_cached)
+        return self._scorer(prompt, against, images_cached, cache)
 
-    def _scorer(self, prompt: str, against: str | None, images_cached: bool) -> Scorer:
+    def _scorer(
+        self,
+        prompt: str,
+        against: str | None,
+        images_cached: bool,
+        cache: EmbeddingCache | None,
+    ) -> Scorer:
         raise NotImplementedError
 
     def backbone(self) -> Backbone:
@@ -249,9 +266,7 @@ class TorchRankingModel(RankingModel):
         return backbone.fingerprint, backbone.preprocess
 
     def fully_cached(self, paths: Sequence[Path], cache: EmbeddingCache) -> bool:
-        if self.kind == "adapter" or self._backbone is not None:
-            return False
-        if self.kind == "zero-shot" and self._light_text() is None:
+        if self._backbone is not None:
             return False
         from imgrank.features.stream import all_cached
         from imgrank.models.clip.light_text import features_identity
@@ -262,7 +277,7 @@ class TorchRankingModel(RankingModel):
             return False
         self._serve_cached = True
         try:
-            return all_cached(paths, self._encoder, cache)
+            return all_cached(paths, self._encoder, cache, tokens=self.needs_tokens)
         finally:
             self._serve_cached = False
 
@@ -272,8 +287,8 @@ class TorchRankingModel(RankingModel):
         None when a GPU may take the run (``auto`` then means half precision):
         the cache check then waits for the backbone.
         """
-        from imgrank.models.device import cuda_possible
         from imgrank.models.clip.build import build_precision
+        from imgrank.models.device import cuda_possible
 
         device = self.device.lower()
         if device.startswith("cuda") or (device == "auto" and cuda_possible()):
@@ -283,49 +298,92 @@ class TorchRankingModel(RankingModel):
     def _light_text(self) -> Any:
         from imgrank.models.clip.light_text import light_text_encoder
 
-        return light_text_encoder(self.spec, self.device)
+        return light_text_encoder(self.spec, self.device, self.precision)
 
-    def _scorer(self, prompt: str, against: str | None, images_cached: bool) -> Scorer:
-        self._serve_cached = images_cached and self._cheap is not None
-        if self.kind == "zero-shot":
-            light = self._light_text() if self._serve_cached else None
+    def _text_features(
+        self, texts: list[str], *, tokens: bool, cache: EmbeddingCache | None
+    ) -> list[PromptFeatures]:
+        """Text features from the prompt cache, else from the cheapest tower that can compute them.
+
+        The open_clip-free tower serves a run whose photos are all cached and no
+        backbone is built; otherwise the backbone's own text tower runs. Both
+        store under the same text fingerprint (they agree within 1e-5).
+        """
+        from imgrank.features.prompts import prompt_features
+        from imgrank.models.clip.light_text import text_identity
+
+        fingerprint = None
+        if self._backbone is None:
+            fingerprint = text_identity(self.spec, self.device, self.precision)
+        if fingerprint is None:
+            fingerprint = self.backbone().text_fingerprint
+
+        def compute(missing: list[str], *, tokens: bool) -> list[PromptFeatures]:
+            light = self._light_text() if self._serve_cached and self._backbone is None else None
             if light is not None:
                 try:
-                    positive, negative = antonym_pair(prompt, against)
-                    pooled, scale = light.encode([positive, negative])
-                    return ZeroShotScorer(pooled, scale, positive, negative)
-                except Exception:  # noqa: BLE001 - weights this tower cannot read: the full path explains
-                    self._serve_cached = False
-            self._serve_cached = False
-            return ZeroShotScorer.for_backbone(self.backbone(), prompt, against)
+                    return light.prompt_features(missing, tokens=tokens)
+                except Exception:  # noqa: BLE001 - weights it cannot read: the full path explains
+                    pass
+            return self.backbone().prompt_features(missing, tokens=tokens)
+
+        return prompt_features(texts, compute, fingerprint=fingerprint, cache=cache, tokens=tokens)
+
+    def _scorer(
+        self,
+        prompt: str,
+        against: str | None,
+        images_cached: bool,
+        cache: EmbeddingCache | None,
+    ) -> Scorer:
+        self._serve_cached = images_cached and self._cheap is not None
+        if not self._serve_cached:
+            # The image tower will run: a missing or mismatched backbone is reported now,
+            # not mid-run (its image tower is still built only on first use).
+            self.backbone()
+        if self.kind == "zero-shot":
+            positive, negative = antonym_pair(prompt, against)
+            features = self._text_features([positive, negative], tokens=False, cache=cache)
+            return ZeroShotScorer.from_prompt_features(features, positive, negative)
         if self.kind == "adapter":
             from imgrank.models.adapter_scoring import AdapterScorer
             from imgrank.models.checkpoints import load_adapter
+            from imgrank.models.device import resolve_device
 
             assert self.folder is not None
-            backbone = self.backbone()
+            text = self.folder.prompt_format.replace("{}", prompt)
+            (features,) = self._text_features([text], tokens=True, cache=cache)
             if self._adapter is None:
                 # The adapter stays in float32 even where the backbone runs in half precision:
                 # it is small, and its LayerNorms and sums over tokens are precision-sensitive.
-                self._adapter = load_adapter(self.folder, device=backbone.device)
+                device = (
+                    self._backbone.device
+                    if self._backbone is not None
+                    else resolve_device(self.device)
+                )
+                self._adapter = load_adapter(self.folder, device=device)
             return AdapterScorer(
                 self._adapter,
-                backbone,
+                None,
                 prompt,
                 prompt_format=self.folder.prompt_format,
+                text_tokens=features.tokens,
                 name=f"{self.name} on {self.folder.backbone_spec.model}",
             )
         return self._head_scorer()
 
     def _head_scorer(self) -> Scorer:
-        from imgrank.models.checkpoints import load_head
-        from imgrank.models.heads import torch_head_callable
+        from imgrank.models.checkpoints import load_head_arrays
+        from imgrank.models.heads import numpy_head_callable
 
-        assert self.folder is not None
-        if not self._serve_cached:
-            self.backbone()  # a missing or mismatched backbone is reported now, not mid-run
+        assert self.folder is not None and self.folder.head is not None
         if self._head is None:
-            self._head = torch_head_callable(load_head(self.folder))
+            # numpy, not the torch module: a cached head re-sort then imports no torch at all.
+            self._head = numpy_head_callable(
+                self.folder.head,
+                load_head_arrays(self.folder),
+                source=str(self.folder.head_weights),
+            )
         return HeadScorer(self._head, f"{self.name} on {self.folder.backbone_spec.model}")
 
 
@@ -354,13 +412,19 @@ class OnnxRankingModel(RankingModel):
     def image_encoder(self) -> Any:
         return self._encoder
 
-    def _scorer(self, prompt: str, against: str | None, images_cached: bool) -> Scorer:
+    def _scorer(
+        self,
+        prompt: str,
+        against: str | None,
+        images_cached: bool,
+        cache: EmbeddingCache | None,
+    ) -> Scorer:
         from imgrank.models.onnx_runtime import OnnxAdapterScorer, zero_shot_scorer
 
         if self.kind == "zero-shot":
-            return zero_shot_scorer(self.onnx, prompt, against)
+            return zero_shot_scorer(self.onnx, prompt, against, cache=cache)
         if self.kind == "adapter":
-            return OnnxAdapterScorer(self.onnx, prompt)
+            return OnnxAdapterScorer(self.onnx, prompt, cache=cache)
         head = self.onnx.manifest.get("head") or {}
         backbone = head.get("backbone") or self.onnx.manifest["model"].get("name", "?")
         return HeadScorer(self.onnx.run_head, f"{self.name} on {backbone}, onnxruntime")

@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from imgrank.features.cache import PromptFeatures
     from imgrank.models.clip.towers import Backbone
 
 #: Templates of the zero-shot antonym pair; ``{}`` is the prompt. Documented in docs/cli.md.
@@ -109,6 +112,14 @@ class ZeroShotScorer:
         text = backbone.encode_text([positive, negative])
         scale = min(float(backbone.model.logit_scale.exp().item()), 100.0)
         return cls(text.pooled.float().cpu().numpy(), scale, positive, negative)
+
+    @classmethod
+    def from_prompt_features(
+        cls, features: Sequence[PromptFeatures], positive: str, negative: str
+    ) -> ZeroShotScorer:
+        """From the two phrasings' features (the prompt cache's form, any text tower)."""
+        pooled = np.stack([np.asarray(f.pooled, dtype=np.float32).reshape(-1) for f in features])
+        return cls(pooled, features[0].logit_scale, positive, negative)
 
     def score(self, batch: FeatureBatch) -> np.ndarray:
         logits = self._logit_scale * (_l2_normalize(batch.pooled) @ self._text.T)  # (N, 2)

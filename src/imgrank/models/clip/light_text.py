@@ -8,20 +8,24 @@ operations on the same state-dict keys, with open_clip's own tokenizer file
 loaded on its own (it needs neither the open_clip package nor torchvision).
 
 It covers the text towers of open_clip's ordinary CLIP configs only (causal
-mask, argmax pooling, projection matrix). Anything else returns None from
+mask, argmax pooling, projection matrix), whether the config is named, a JSON
+file or carried by an adapter folder. Anything else returns None from
 :func:`light_text_encoder` and the caller builds the full backbone as usual;
-``tests/test_text_only.py`` checks both towers agree.
+``tests/test_text_only.py`` checks both towers agree, pooled embeddings and
+the per-position tokens adapters read.
 
 The features it produces are only used when the embedding cache already holds
 every photo for the same encoder fingerprint (:func:`features_identity`),
 computed here exactly as :attr:`imgrank.models.clip.towers.Backbone.fingerprint`
-computes it; :mod:`imgrank.models.loading` makes that choice.
+computes it; :class:`imgrank.models.ranking_model.TorchRankingModel` makes that
+choice. A prompt used before is not encoded at all: its features come from the
+prompt cache (:mod:`imgrank.features.prompts`) under :func:`text_identity`, the
+text tower's fingerprint computed here without building anything.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,12 +37,15 @@ from imgrank.models.clip.config import (
     named_model_config,
     open_clip_folder,
 )
-from imgrank.models.clip.towers import features_fingerprint
+from imgrank.models.clip.towers import features_fingerprint, text_features_fingerprint
 from imgrank.models.clip.weights import remembered_weights, weights_identity
+from imgrank.models.device import cuda_possible
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+    from imgrank.features.cache import PromptFeatures
 
 #: text_cfg keys the plain tower implements; any other key means a variant it does not.
 _PLAIN_TEXT_KEYS = {
@@ -96,6 +103,11 @@ class LightTextEncoder:
         """Equal to ``Backbone.fingerprint`` for the same config, weights and preprocessing."""
         return features_fingerprint(self.config, self.weights_id, self.preprocess)
 
+    @property
+    def text_fingerprint(self) -> str:
+        """Equal to ``Backbone.text_fingerprint`` of a float32 backbone: this tower runs float32."""
+        return text_features_fingerprint(self.config, self.weights_id, "float32")
+
     def _build(self) -> None:
         from imgrank.models.clip.weights import WeightsFile
 
@@ -103,8 +115,7 @@ class LightTextEncoder:
         self._tower = _PlainTextTower(self.config, state)
         self._logit_scale = min(float(state["logit_scale"].float().exp().item()), 100.0)
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, float]:
-        """Pooled, projected text embeddings (N, E) as float32, and CLIP's temperature."""
+    def _run(self, texts: list[str], *, tokens: bool) -> tuple[Any, Any, float]:
         import torch
 
         if self._tower is None:
@@ -113,9 +124,26 @@ class LightTextEncoder:
             context_length=int(self.config["text_cfg"].get("context_length", 77))
         )
         with torch.inference_mode():
-            pooled = self._tower(tokenizer(texts))
+            pooled, grid = self._tower(tokenizer(texts), tokens=tokens)
         assert self._logit_scale is not None
-        return pooled.float().numpy(), self._logit_scale
+        return pooled, grid, self._logit_scale
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, float]:
+        """Pooled, projected text embeddings (N, E) as float32, and CLIP's temperature."""
+        pooled, _grid, scale = self._run(texts, tokens=False)
+        return pooled.float().numpy(), scale
+
+    def prompt_features(self, texts: list[str], *, tokens: bool = False) -> list[PromptFeatures]:
+        """Text features as the prompt cache stores them; ``tokens``: every context position."""
+        from imgrank.features.cache import PromptFeatures
+
+        pooled, grid, scale = self._run(texts, tokens=tokens)
+        pooled_np = pooled.float().numpy()
+        grid_np = None if grid is None else grid.float().numpy()
+        return [
+            PromptFeatures(pooled_np[i], scale, None if grid_np is None else grid_np[i])
+            for i in range(len(texts))
+        ]
 
 
 def config_without_open_clip(spec: BackboneSpec) -> dict[str, Any] | None:
@@ -163,26 +191,70 @@ def features_identity(
     return features_fingerprint(config, weights_id, preprocess, precision=precision), preprocess
 
 
-def light_text_encoder(spec: BackboneSpec, device: str) -> LightTextEncoder | None:
+def _weights_file(spec: BackboneSpec) -> Path | None:
+    """The weights file of a spec with weights, if it is on disk (no download, no open_clip)."""
+    candidate = Path(spec.pretrained).expanduser()
+    return candidate if candidate.is_file() else remembered_weights(spec.model, spec.pretrained)
+
+
+def _text_dtype(device: str, precision: str | None) -> str | None:
+    """The text tower's number format as :func:`imgrank.models.clip.build.load_backbone` picks it.
+
+    None when only a built backbone can tell (an unknown device string).
+    """
+    device = device.lower()
+    if device == "auto":
+        device = "cuda" if cuda_possible() else "cpu"
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        return None
+    if precision in (None, "auto"):
+        return "float16" if device.startswith("cuda") else "float32"
+    return "float16" if precision == "fp16" else "float32"
+
+
+def text_identity(spec: BackboneSpec, device: str, precision: str | None = None) -> str | None:
+    """The text fingerprint the backbone of ``spec`` will have, without building it.
+
+    Equal to :attr:`imgrank.models.clip.towers.Backbone.text_fingerprint` once
+    built (the prompt cache's key), and to the light tower's where that serves.
+    None when it cannot be known cheaply (a pretrained tag never resolved on this
+    machine, a config only open_clip can read); the caller then builds the backbone.
+    """
+    from imgrank.models.clip.build import random_weights_id
+
+    config = config_without_open_clip(spec)
+    dtype = _text_dtype(device, precision)
+    if config is None or dtype is None:
+        return None
+    if spec.is_random:
+        weights_id = random_weights_id()
+    else:
+        weights = _weights_file(spec)
+        if weights is None:
+            return None
+        weights_id = weights_identity(weights)
+    return text_features_fingerprint(config, weights_id, dtype)
+
+
+def light_text_encoder(
+    spec: BackboneSpec, device: str, precision: str | None = None
+) -> LightTextEncoder | None:
     """A text encoder that avoids open_clip, when the spec allows one; else None.
 
-    Only for CPU runs of ordinary CLIP configs whose weights are a file already
-    on disk (a local file, or a pretrained tag an earlier run downloaded).
+    Only for float32 CPU runs of ordinary CLIP configs (named, a JSON file, or
+    an adapter folder's) whose weights are a file already on disk (a local file,
+    or a pretrained tag an earlier run downloaded).
     """
-    if spec.is_random or spec.model_config is not None or device not in ("auto", "cpu"):
-        return None
-    if device == "auto":
-        import torch
-
-        if torch.cuda.is_available():
-            return None  # the GPU path runs the text tower in half precision: keep one path
+    if spec.is_random or _text_dtype(device, precision) != "float32":
+        return None  # random text weights are drawn by open_clip's constructors
+    if device.lower() not in ("auto", "cpu"):
+        return None  # the plain tower runs on the CPU only
     config = config_without_open_clip(spec)
     if config is None or not set(config) <= _NEUTRAL_TOP_KEYS:
         return None
     if not set(config.get("text_cfg", {})) <= _PLAIN_TEXT_KEYS:
         return None
-    candidate = Path(spec.pretrained).expanduser()
-    weights = candidate if candidate.is_file() else remembered_weights(spec.model, spec.pretrained)
+    weights = _weights_file(spec)
     folder = _open_clip_folder()
     if weights is None or folder is None or not (folder / "tokenizer.py").is_file():
         return None  # (the tokenizer itself is loaded only once the cache check passed)
@@ -217,14 +289,18 @@ class _PlainTextTower:
         context = self.state["positional_embedding"].shape[0]
         self.mask = torch.full((context, context), float("-inf")).triu_(1)
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, ids: torch.Tensor, *, tokens: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(pooled, tokens)``; tokens (every position after ``ln_final``) only if asked for."""
         import torch
         import torch.nn.functional as F
 
         w, width, heads = self.state, self.width, self.heads
         # With a causal mask no position sees the ones after it, so the padding after
-        # the last end-of-text token cannot change the pooled output: drop it.
-        length = int(ids.argmax(dim=-1).max().item()) + 1
+        # the last end-of-text token cannot change the pooled output: drop it, unless
+        # an adapter reads every position.
+        length = ids.shape[1] if tokens else int(ids.argmax(dim=-1).max().item()) + 1
         ids = ids[:, :length]
         batch = ids.shape[0]
         mask = self.mask[:length, :length]
@@ -246,7 +322,7 @@ class _PlainTextTower:
             x = x + F.linear(y, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
         x = F.layer_norm(x, (width,), w["ln_final.weight"], w["ln_final.bias"])
         pooled = x[torch.arange(batch), ids.argmax(dim=-1)]  # at the end-of-text token
-        return pooled @ w["text_projection"]
+        return pooled @ w["text_projection"], (x if tokens else None)
 
 
 _BLOCK_KEYS = (

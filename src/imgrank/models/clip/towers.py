@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from imgrank.features.cache import PromptFeatures
     from imgrank.models.scoring import FeatureBatch
 
 
@@ -87,6 +88,26 @@ class Backbone:
         return features_fingerprint(
             self.config, self.weights_id, self.preprocess, precision=self.precision
         )
+
+    @property
+    def text_fingerprint(self) -> str:
+        """Identifies this backbone's text features: the prompt cache's key."""
+        # The text tower's own format: half precision only with fp16 (bf16 is the image tower's).
+        text_dtype = "float16" if self.precision == "fp16" else "float32"
+        return text_features_fingerprint(self.config, self.weights_id, text_dtype)
+
+    def prompt_features(self, texts: list[str], *, tokens: bool = False) -> list[PromptFeatures]:
+        """Text features as the prompt cache stores them (float32 numpy, one per text)."""
+        from imgrank.features.cache import PromptFeatures
+
+        features = self.encode_text(texts)
+        scale = min(float(self.model.logit_scale.float().exp().item()), 100.0)
+        pooled = features.pooled.float().cpu().numpy()
+        grid = features.tokens.float().cpu().numpy() if tokens else None
+        return [
+            PromptFeatures(pooled[i], scale, None if grid is None else grid[i])
+            for i in range(len(texts))
+        ]
 
     @property
     def context_length(self) -> int:
@@ -233,3 +254,20 @@ def features_fingerprint(
         identity["precision"] = precision
     blob = json.dumps(identity, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def text_features_fingerprint(config: dict[str, Any], weights_id: str, dtype: str) -> str:
+    """The prompt cache's key for a text tower: its architecture, weights and number format.
+
+    The image tower's config and the preprocessing are left out: text features
+    do not depend on them, so every image setting shares a prompt's entry.
+    Computed without building anything (:mod:`imgrank.models.clip.light_text`
+    must find what a built backbone stored, and the other way round).
+    """
+    text_part = {key: value for key, value in config.items() if key != "vision_cfg"}
+    blob = json.dumps(
+        {"text": text_part, "weights": weights_id, "dtype": dtype}, sort_keys=True
+    ).encode()
+    return "text:" + hashlib.sha256(blob).hexdigest()[:20]
+
+
