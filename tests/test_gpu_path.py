@@ -101,7 +101,9 @@ def test_bench_gpu_runs_in_one_command_on_the_cpu(tmp_path: Path) -> None:
     assert all(float(cell.rstrip("x")) > 0 for cell in cells[1:])
 
 
-def test_a_loaded_models_encoder_tells_the_stream_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_loaded_models_encoder_tells_the_stream_its_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The stream decodes on the GPU for the encoder ``imgrank sort`` passes it, when on CUDA."""
     from imgrank.features.stream import device_decoding
     from imgrank.models.loading import load_model

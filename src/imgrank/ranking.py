@@ -88,8 +88,13 @@ def rank_scores(
         ordered = sorted(scored, key=lambda item: (-item[1], tie(item[0])))
     if top is not None:
         ordered = ordered[:top]
+    if not raw_of:  # (hashing 100,000 paths for an empty dict costs a re-sort 0.3 s)
+        return [
+            RankedImage(rank=i, score=score, path=path, raw=None)
+            for i, (path, score) in enumerate(ordered, 1)
+        ]
     return [
-        RankedImage(rank=i, score=score, path=path, raw=(raw_of or {}).get(path))
+        RankedImage(rank=i, score=score, path=path, raw=raw_of.get(path))
         for i, (path, score) in enumerate(ordered, 1)
     ]
 

@@ -281,13 +281,18 @@ def train(
 
         imgrank train ~/Pictures/rated --prompt "photos I like" --out my-taste
     """
-    from imgrank.models.device import available_cores
     from imgrank.images.decode import DEFAULT_MAX_PIXELS, set_pillow_pixel_guard
+    from imgrank.models.device import available_cores
 
     set_pillow_pixel_guard(DEFAULT_MAX_PIXELS)  # the documented 200 MP, not Pillow's 179 MP
-    from imgrank.training.datasets import load_labels
     from imgrank.models.checkpoints import CONFIG_FILE
-    from imgrank.training.fit import SUMMARY_FILE, adapter_threads, better_than_chance, train_adapter
+    from imgrank.training.datasets import load_labels
+    from imgrank.training.fit import (
+        SUMMARY_FILE,
+        adapter_threads,
+        better_than_chance,
+        train_adapter,
+    )
 
     route_library_warnings(quiet=quiet)
     check_before_writing()  # refuse while an interrupted rename run is unsettled

@@ -154,6 +154,24 @@ _SCHEMA = (
     )
     """,
     _PROMPTS_TABLE,
+    # Scores of scorers whose forward is the cost of a re-sort (ranking adapters): one row
+    # per (scorer, file version). ``scorer`` is the scorer's fingerprint, which covers the
+    # image features (model row), the adapter's files and the exact prompt
+    # (imgrank.models.ranking_model); the file's size, mtime and inode are checked as for
+    # entries. Added within schema version 3, as photo_facts was within 2: an imgrank
+    # that does not know it ignores it.
+    """
+    CREATE TABLE IF NOT EXISTS scores (
+        scorer TEXT NOT NULL,
+        path BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        score REAL NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (scorer, path)
+    )
+    """,
 )
 
 
@@ -777,33 +795,95 @@ class EmbeddingCache:
             self._note_damage(exc)
             raise CacheError(f"cannot write the prompt cache in {self.path}: {exc}") from None
 
+    def get_scores(self, scorer: str, keys: list[FileKey]) -> dict[str, float]:
+        """Stored scores of ``scorer`` for the files in ``keys`` that are unchanged.
+
+        Returns:
+            ``{absolute path: score}`` for the hits only.
+
+        Raises:
+            CacheError: the table cannot be read.
+        """
+        if not self._has_table("scores"):
+            return {}  # a cache opened for upkeep that predates the table
+        return {
+            key.path: float(score)
+            for key, (score,) in self._unchanged_rows(
+                "SELECT path, size, mtime_ns, inode, score FROM scores"
+                " WHERE scorer = ? AND path IN ({marks})",
+                (scorer,),
+                keys,
+            )
+        }
+
+    def put_scores(self, scorer: str, scored: list[tuple[FileKey, float]]) -> None:
+        """Store scores of ``scorer`` now, in one transaction per chunk of rows.
+
+        Raises:
+            CacheError: the table cannot be written (damaged, full disk, locked too long).
+        """
+        now = time.time()
+        rows = [
+            (scorer, key.blob, key.size, key.mtime_ns, key.inode, float(score), now)
+            for key, score in scored
+        ]
+        try:
+            for start in range(0, len(rows), 4096):
+                with self._write():
+                    self._conn.executemany(
+                        "INSERT OR REPLACE INTO scores"
+                        " (scorer, path, size, mtime_ns, inode, score, created_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        rows[start : start + 4096],
+                    )
+        except sqlite3.DatabaseError as exc:
+            self._note_damage(exc)
+            raise CacheError(f"cannot write the score cache in {self.path}: {exc}") from None
+
     def get_facts_many(self, keys: list[FileKey]) -> dict[str, PhotoFacts]:
         """Stored hashes and capture times of the files in ``keys`` that are unchanged.
 
         Returns:
             ``{absolute path: facts}`` for the hits only.
         """
-        wanted = {key.blob: key for key in keys}
         found: dict[str, PhotoFacts] = {}
+        for key, (phash, local, offset) in self._unchanged_rows(
+            "SELECT path, size, mtime_ns, inode, phash, captured_local, offset_minutes"
+            " FROM photo_facts WHERE version = ? AND path IN ({marks})",
+            (FACTS_VERSION,),
+            keys,
+        ):
+            captured = None if local is None else CaptureTime(float(local), offset)
+            found[key.path] = PhotoFacts(int(phash) & _U64, captured)
+        return found
+
+    def _unchanged_rows(
+        self, select: str, params: tuple[object, ...], keys: list[FileKey]
+    ) -> Iterator[tuple[FileKey, list[object]]]:
+        """Rows of a table keyed by file whose file is unchanged: ``(key, other columns)``.
+
+        ``select`` reads ``path, size, mtime_ns, inode`` first and ends with
+        ``path IN ({marks})``; ``params`` are bound before the paths.
+
+        Raises:
+            CacheError: the table cannot be read.
+        """
+        wanted = {key.blob: key for key in keys}
         blobs = list(wanted)
         for start in range(0, len(blobs), LOOKUP_CHUNK):
             chunk = blobs[start : start + LOOKUP_CHUNK]
-            marks = ",".join("?" * len(chunk))
             try:
                 rows = self._conn.execute(
-                    "SELECT path, size, mtime_ns, inode, phash, captured_local, offset_minutes"
-                    f" FROM photo_facts WHERE version = ? AND path IN ({marks})",
-                    (FACTS_VERSION, *chunk),
+                    select.format(marks=",".join("?" * len(chunk))), (*params, *chunk)
                 ).fetchall()
             except sqlite3.DatabaseError as exc:
+                self._note_damage(exc)
                 raise CacheError(f"cannot read the embedding cache {self.path}: {exc}") from None
-            for blob, size, mtime_ns, inode, phash, local, offset in rows:
+            for blob, size, mtime_ns, inode, *rest in rows:
                 key = wanted.get(bytes(blob))
                 if key is None or (size, mtime_ns, inode) != (key.size, key.mtime_ns, key.inode):
                     continue  # changed, or another file took the name
-                captured = None if local is None else CaptureTime(float(local), offset)
-                found[key.path] = PhotoFacts(int(phash) & _U64, captured)
-        return found
+                yield key, rest
 
     def put_facts(self, key: FileKey, facts: PhotoFacts) -> None:
         """Queue one file's hash and capture time; written with the next commit."""
@@ -968,6 +1048,7 @@ class EmbeddingCache:
             if on_progress is not None:
                 on_progress(len(rows))
         self._prune_facts()
+        self._prune_scores()
         with self._write():
             models_removed = self._conn.execute(
                 "DELETE FROM models WHERE id NOT IN (SELECT DISTINCT model_id FROM entries)"
@@ -979,32 +1060,46 @@ class EmbeddingCache:
 
     def _prune_facts(self) -> None:
         """Drop the stored hashes and times of files gone or changed (as :meth:`prune`)."""
-        if not self._has_facts_table():
-            return  # opened by open_existing on a cache written before photo facts
-        last = b""
+        if self._has_facts_table():  # (absent from a cache written before photo facts)
+            self._prune_changed_files("photo_facts", ("path",))
+
+    def _prune_scores(self) -> None:
+        """Drop the stored adapter scores of files gone or changed (as :meth:`prune`)."""
+        if self._has_table("scores"):
+            self._prune_changed_files("scores", ("scorer", "path"))
+
+    def _prune_changed_files(self, table: str, primary_key: tuple[str, ...]) -> None:
+        """Drop the rows of ``table`` whose file is gone or changed; ``primary_key`` ends
+        with ``path``. Only "not found" counts as gone (as for entries)."""
+        columns = ", ".join(primary_key)
+        marks = ", ".join("?" * len(primary_key))
+        last: tuple[object, ...] = (*([""] * (len(primary_key) - 1)), b"")
         while True:
             rows = self._conn.execute(
-                "SELECT path, size, mtime_ns, inode FROM photo_facts WHERE path > ? ORDER BY path"
-                " LIMIT 512",
-                (last,),
+                f"SELECT {columns}, size, mtime_ns, inode FROM {table}"
+                f" WHERE ({columns}) > ({marks}) ORDER BY {columns} LIMIT 512",
+                last,
             ).fetchall()
             if not rows:
                 return
-            last = bytes(rows[-1][0])
-            doomed: list[tuple[bytes]] = []
-            for blob, size, mtime_ns, inode in rows:
+            width = len(primary_key)
+            last = tuple(rows[-1][:width])
+            doomed: list[tuple[object, ...]] = []
+            for row in rows:
+                size, mtime_ns, inode = row[width:]
                 try:
-                    info = os.stat(os.fsdecode(bytes(blob)))
+                    info = os.stat(os.fsdecode(bytes(row[width - 1])))
                 except FileNotFoundError:
-                    doomed.append((bytes(blob),))
+                    doomed.append(tuple(row[:width]))
                     continue
                 except OSError:
                     continue
                 if (info.st_size, info.st_mtime_ns, info.st_ino) != (size, mtime_ns, inode):
-                    doomed.append((bytes(blob),))
+                    doomed.append(tuple(row[:width]))
             if doomed:
+                where = " AND ".join(f"{name} = ?" for name in primary_key)
                 with self._write():
-                    self._conn.executemany("DELETE FROM photo_facts WHERE path = ?", doomed)
+                    self._conn.executemany(f"DELETE FROM {table} WHERE {where}", doomed)
 
     def clear(self) -> int:
         """Remove every entry and model; returns the number of entries removed."""
@@ -1020,6 +1115,8 @@ class EmbeddingCache:
                 self._conn.execute("DELETE FROM photo_facts")
             if self._has_table("prompts"):
                 self._conn.execute("DELETE FROM prompts")
+            if self._has_table("scores"):
+                self._conn.execute("DELETE FROM scores")
         self._reclaim()
         return int(removed)
 

@@ -33,7 +33,7 @@ from imgrank.models.scoring import Scorer
 from imgrank.ranking import SkippedFile
 
 if TYPE_CHECKING:
-    from imgrank.features.cache import EmbeddingCache
+    from imgrank.features.cache import EmbeddingCache, FileKey
     from imgrank.images.facts import PhotoFacts
 
 __all__ = ["DEFAULT_BATCH_SIZE", "FeatureListener", "ImageEncoder", "PipelineStats", "score_images"]
@@ -79,6 +79,18 @@ def score_images(
     """
     stats = stats if stats is not None else PipelineStats()
     results: dict[int, float] = {}
+    # A scorer whose forward is a re-sort's whole cost (an adapter) names its scores'
+    # cache key: files scored before by the same scorer are not scored again. Not with
+    # on_features (cull groups by every photo's embedding, so each must pass through).
+    score_key = getattr(scorer, "cache_key", None) if on_features is None else None
+    keys: dict[int, FileKey] = {}
+    stored = _stored_scores(paths, score_key, cache, keys, on_warning) if score_key else {}
+    results.update(stored)
+    if stored and on_progress is not None:
+        on_progress(len(stored))
+    todo = [index for index in range(len(paths)) if index not in stored]
+    if not todo:
+        return [(paths[index], results[index]) for index in sorted(results)]
 
     def skipped(item: SkippedFile) -> None:
         if on_skip is not None:
@@ -87,7 +99,7 @@ def score_images(
             on_progress(1)
 
     stream = iter_features(
-        paths,
+        [paths[index] for index in todo],
         encoder,
         tokens=scorer.needs_tokens,
         cache=cache,
@@ -104,18 +116,75 @@ def score_images(
     # closing(): an interrupted run (Ctrl-C, a failing scorer) still writes what it cached.
     with contextlib.closing(stream):
         for batch in stream:
+            indices = [todo[i] for i in batch.indices]
             if on_features is not None:
-                on_features(
-                    [paths[i] for i in batch.indices], batch.features.pooled, batch.facts
-                )
+                on_features([paths[i] for i in indices], batch.features.pooled, batch.facts)
             started = time.perf_counter()
             scores = np.asarray(scorer.score(batch.features), dtype=np.float64).reshape(-1)
             stats.score_seconds += time.perf_counter() - started
-            if scores.shape[0] != len(batch.indices):
+            if scores.shape[0] != len(indices):
                 raise ModelError(
-                    f"the scorer returned {scores.shape[0]} scores for {len(batch.indices)} images"
+                    f"the scorer returned {scores.shape[0]} scores for {len(indices)} images"
                 )
-            results.update(zip(batch.indices, scores.tolist(), strict=True))
+            results.update(zip(indices, scores.tolist(), strict=True))
             if on_progress is not None:
-                on_progress(len(batch.indices))
+                on_progress(len(indices))
+    if score_key and cache is not None:
+        _store_scores(keys, results, stored, score_key, cache, on_warning)
     return [(paths[index], results[index]) for index in sorted(results)]
+
+
+def _stored_scores(
+    paths: list[Path],
+    score_key: str,
+    cache: EmbeddingCache | None,
+    keys: dict[int, FileKey],
+    warn: Callable[[str], None] | None,
+) -> dict[int, float]:
+    """``{index: score}`` of the files whose score ``score_key`` is in the cache, unchanged.
+
+    Fills ``keys`` with each file's identity now, before anything is read: a score is
+    stored under it, so a file that changes while it is read is scored again next time.
+    """
+    from imgrank.errors import CacheError
+    from imgrank.features.cache import FileKey
+
+    if cache is None:
+        return {}
+    for index, path in enumerate(paths):
+        try:
+            keys[index] = FileKey.of(path)
+        except OSError:
+            continue  # the stream reports it
+    try:
+        found = cache.get_scores(score_key, list(keys.values()))
+    except CacheError as exc:
+        if warn is not None:
+            warn(f"{exc}; the photos are scored again")
+        return {}
+    return {index: found[key.path] for index, key in keys.items() if key.path in found}
+
+
+def _store_scores(
+    keys: dict[int, FileKey],
+    results: dict[int, float],
+    stored: dict[int, float],
+    score_key: str,
+    cache: EmbeddingCache,
+    warn: Callable[[str], None] | None,
+) -> None:
+    """Keep this run's new scores for the next run (a failure costs only that)."""
+    from imgrank.errors import CacheError
+
+    scored = [
+        (keys[index], score)
+        for index, score in results.items()
+        if index not in stored and index in keys
+    ]
+    if not scored:
+        return
+    try:
+        cache.put_scores(score_key, scored)
+    except CacheError as exc:
+        if warn is not None:
+            warn(f"{exc}; the scores were not cached")

@@ -16,7 +16,6 @@ folder's entries: :mod:`imgrank.files.output_folder`).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from imgrank.images.facts import PhotoFacts
-
     from imgrank.models.clip.config import PreprocessConfig
 
 #: Extensions read by Pillow out of the box (compared lower-cased).

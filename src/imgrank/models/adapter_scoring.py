@@ -40,6 +40,9 @@ class AdapterScorer:
     """
 
     needs_tokens = True
+    #: Set by :meth:`imgrank.models.ranking_model.RankingModel.scorer`: the key its
+    #: scores are cached under (:func:`imgrank.models.ranking_model.score_cache_key`).
+    cache_key: str | None = None
 
     def __init__(
         self,

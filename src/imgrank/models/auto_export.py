@@ -79,22 +79,13 @@ def auto_onnx_applies(resolved: ResolvedSelection) -> bool:
     return not gpu_present() and onnx_export_possible()
 
 
-def _folder_identity(folder: ModelFolder) -> list[tuple[str, int, int]]:
-    """The model folder's files by name, size and modification time (no file is read)."""
-    found = []
-    for path in sorted(folder.path.iterdir()):
-        if path.is_file():
-            stat = path.stat()
-            found.append((path.name, stat.st_size, stat.st_mtime_ns))
-    return found
-
-
 def export_key(spec: BackboneSpec, folder: ModelFolder | None) -> str | None:
     """The automatic export's name for a model; None when it cannot be known cheaply.
 
     None (the run stays on torch) for a pretrained tag never downloaded here, a
     config only open_clip can read, or a Hugging Face tokenizer (not exported).
     """
+    from imgrank.models.checkpoints import folder_identity
     from imgrank.models.clip.light_text import config_without_open_clip, features_identity
     from imgrank.models.onnx_runtime import DEFAULT_OPSET, FORMAT_VERSION
 
@@ -107,7 +98,7 @@ def export_key(spec: BackboneSpec, folder: ModelFolder | None) -> str | None:
     blob = json.dumps(
         {
             "features": identity[0],
-            "folder": None if folder is None else _folder_identity(folder),
+            "folder": None if folder is None else folder_identity(folder),
             "format": FORMAT_VERSION,
             "opset": DEFAULT_OPSET,
             "auto": AUTO_EXPORT_VERSION,

@@ -266,6 +266,20 @@ def _config_error(path: Path, message: str) -> ModelError:
     return ModelError(f"{path / CONFIG_FILE}: {message}")
 
 
+def folder_identity(folder: ModelFolder) -> list[tuple[str, int, int]]:
+    """The model folder's files by name, size and modification time (no file is read).
+
+    What keys things derived from a folder (its automatic ONNX export, cached
+    adapter scores): retraining into the folder or replacing a file changes it.
+    """
+    found = []
+    for path in sorted(folder.path.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            found.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return found
+
+
 def load_model_folder(path: str | Path) -> ModelFolder:
     """Read a model folder's ``config.json`` (no weights are loaded).
 

@@ -681,6 +681,8 @@ class OnnxAdapterScorer:
     """
 
     needs_tokens = True
+    #: The key its scores are cached under (set by the ranking model, as for torch).
+    cache_key: str | None = None
 
     def __init__(
         self, model: OnnxModel, prompt: str, *, cache: EmbeddingCache | None = None

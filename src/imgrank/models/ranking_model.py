@@ -178,6 +178,25 @@ class RankingModel:
         raise UsageError(f"the {self.runtime} runtime has no torch backbone")
 
 
+def score_cache_key(features: str, scorer: dict[str, Any], text: str) -> str:
+    """The key of an adapter's cached scores (:mod:`imgrank.features.pipeline`).
+
+    An adapter's forward is a cached re-sort's whole cost (about 1.7 GFLOP per
+    photo for ViT-B-32), so its scores are kept per file. The key covers what a
+    score depends on: the image features (the embedding cache's model key), the
+    adapter itself (its folder's files, or the exported graph) and the exact text
+    fed to the text tower (the text tower is the backbone's, so the features key
+    covers it).
+    """
+    import hashlib
+    import json
+
+    blob = json.dumps(
+        {"features": features, "scorer": scorer, "text": text, "version": 1}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
 class TorchImageEncoder:
     """The backbone's image tower for the feature stream; the backbone is built on first need."""
 
@@ -362,7 +381,7 @@ class TorchRankingModel(RankingModel):
                     else resolve_device(self.device)
                 )
                 self._adapter = load_adapter(self.folder, device=device)
-            return AdapterScorer(
+            scorer = AdapterScorer(
                 self._adapter,
                 None,
                 prompt,
@@ -370,6 +389,12 @@ class TorchRankingModel(RankingModel):
                 text_tokens=features.tokens,
                 name=f"{self.name} on {self.folder.backbone_spec.model}",
             )
+            from imgrank.models.checkpoints import folder_identity
+
+            scorer.cache_key = score_cache_key(
+                self.fingerprint, {"folder": folder_identity(self.folder)}, text
+            )
+            return scorer
         return self._head_scorer()
 
     def _head_scorer(self) -> Scorer:
@@ -424,7 +449,15 @@ class OnnxRankingModel(RankingModel):
         if self.kind == "zero-shot":
             return zero_shot_scorer(self.onnx, prompt, against, cache=cache)
         if self.kind == "adapter":
-            return OnnxAdapterScorer(self.onnx, prompt, cache=cache)
+            scorer = OnnxAdapterScorer(self.onnx, prompt, cache=cache)
+            graph = self.onnx.graphs["adapter"]
+            stat = graph.path.stat()
+            scorer.cache_key = score_cache_key(
+                self.fingerprint,
+                {"graph": graph.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+                scorer.prompt,
+            )
+            return scorer
         head = self.onnx.manifest.get("head") or {}
         backbone = head.get("backbone") or self.onnx.manifest["model"].get("name", "?")
         return HeadScorer(self.onnx.run_head, f"{self.name} on {backbone}, onnxruntime")

@@ -58,7 +58,14 @@ class Scorer(Protocol):
     needs_tokens: bool
 
     def score(self, batch: FeatureBatch) -> np.ndarray:
-        """(N,) float scores for the batch, higher meaning more of what was asked."""
+        """(N,) float scores for the batch, higher meaning more of what was asked.
+
+        A scorer may also carry ``cache_key`` (a string): then
+        :func:`imgrank.features.pipeline.score_images` keeps its scores in the
+        embedding cache under that key and does not score a file again while it is
+        unchanged. Adapters do (their forward is a cached re-sort's whole cost);
+        zero-shot and heads cost a dot product and do not.
+        """
         ...
 
 

@@ -348,8 +348,8 @@ def train_adapter(
     import torch
 
     from imgrank import __version__
-    from imgrank.models.adapter import AdapterConfig, RankingAdapter
     from imgrank.files.atomic import check_new_folder
+    from imgrank.models.adapter import AdapterConfig, RankingAdapter
     from imgrank.models.checkpoints import check_backbone_fits, save_model_folder
     from imgrank.models.loading import load_model
     from imgrank.models.selection import ModelSelection
