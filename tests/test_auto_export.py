@@ -190,3 +190,28 @@ def test_default_api_sort_uses_the_export_and_agrees(
     np.testing.assert_allclose(
         [item.score for item in default.items], [item.score for item in forced.items], atol=1e-4
     )
+
+
+def test_an_image_session_loaded_in_the_background_is_the_one_used(
+    automatic: None, photo_dir: Path, tmp_path: Path, isolated_home: Path
+) -> None:
+    """A cold sort starts loading the image tower early; errors reach the caller as usual."""
+    import shutil
+
+    from imgrank.models.onnx_runtime import OnnxModel
+
+    _sort(photo_dir, tmp_path / "a.csv", "--no-cache")
+    (export,) = _exports(isolated_home)
+    model = OnnxModel(export)
+    model.start_session("image")
+    model.start_session("image")  # once
+    first = model.session("image")
+    assert model.session("image") is first
+
+    broken = tmp_path / "broken"
+    shutil.copytree(export, broken)
+    (broken / "text_encoder.onnx").write_bytes(b"not a graph")
+    damaged = OnnxModel(broken)
+    damaged.start_session("text")
+    with pytest.raises(ModelError, match="onnxruntime cannot load"):
+        damaged.session("text")

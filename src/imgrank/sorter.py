@@ -197,6 +197,8 @@ def sort_folder(
         # importing open_clip: 1.4 s of a 2.5 s re-sort). The cache also holds the
         # prompt's text features: a prompt used before runs no text tower.
         warm = cache is not None and model.fully_cached(paths, cache)  # type: ignore[arg-type]
+        if not warm:
+            model.prepare_image_encoder(paths, cache)  # type: ignore[arg-type]
         scorer = (
             model.scorer(request.prompt, request.against, images_cached=warm, cache=cache)
             if request.prompt.strip()

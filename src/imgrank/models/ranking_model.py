@@ -123,6 +123,15 @@ class RankingModel:
         """
         return False
 
+    def prepare_image_encoder(
+        self, paths: Sequence[Path], cache: EmbeddingCache | None
+    ) -> None:
+        """Start loading the image tower in the background when ``paths`` need encoding.
+
+        Loading then overlaps with encoding the prompt and decoding the first photos
+        (onnxruntime; a no-op on torch, whose image tower is built on first use).
+        """
+
     def scorer(
         self,
         prompt: str,
@@ -436,6 +445,17 @@ class OnnxRankingModel(RankingModel):
     @property
     def image_encoder(self) -> Any:
         return self._encoder
+
+    def prepare_image_encoder(
+        self, paths: Sequence[Path], cache: EmbeddingCache | None
+    ) -> None:
+        # Only when photos will need encoding: the first chunk of the folder tells
+        # (a re-sort of a cached folder loads no image session at all).
+        from imgrank.features.stream import LOOKUP_CHUNK, all_cached
+
+        head = paths[:LOOKUP_CHUNK]
+        if cache is None or not all_cached(head, self._encoder, cache, tokens=self.needs_tokens):
+            self.onnx.start_session("image")
 
     def _scorer(
         self,
