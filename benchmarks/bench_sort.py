@@ -1,6 +1,6 @@
 """Benchmark ``imgrank sort`` against the plain open_clip loop, in one run, alternating.
 
-    python benchmarks/bench_sort.py                 # 96 photos of 12 MP, 3 rounds (~15 min)
+    python benchmarks/bench_sort.py                 # 96 photos of 12 MP, 3 rounds (~6 min; more the first time)
     python benchmarks/bench_sort.py --photos 48 --rounds 1 --no-profile --no-scaling  # quicker
 
 What it measures (every figure in the same run, on the same inputs, ViT-B-32
