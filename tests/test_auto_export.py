@@ -215,3 +215,29 @@ def test_an_image_session_loaded_in_the_background_is_the_one_used(
     damaged.start_session("text")
     with pytest.raises(ModelError, match="onnxruntime cannot load"):
         damaged.session("text")
+
+
+def test_a_full_disk_during_the_export_falls_back_to_torch_and_tries_again_later(
+    automatic: None, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, tmp_path: Path,
+    isolated_home: Path,
+) -> None:  # fmt: skip
+    from imgrank.errors import OutputWriteError
+    from imgrank.models import onnx_export
+
+    real = onnx_export.export_ranking_model
+    disk_full = [True]
+
+    def export(*args: object, **kwargs: object) -> object:
+        if disk_full[0]:
+            raise OutputWriteError("cannot write onnx/x/image_encoder.onnx: No space left on device")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx_export, "export_ranking_model", export)
+    scores, said = _sort(photo_dir, tmp_path / "a.csv")
+    assert len(scores) == 4
+    assert "could not export" in said and "No space left" in said and "PyTorch" in said
+    assert not list((isolated_home / "cache" / "onnx").glob("*.failed"))  # not remembered
+    disk_full[0] = False
+    _, said_again = _sort(photo_dir, tmp_path / "b.csv")
+    assert "exporting" in said_again  # space freed: the next run exports
+    assert len(_exports(isolated_home)) == 1
