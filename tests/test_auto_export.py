@@ -229,7 +229,7 @@ def test_a_full_disk_during_the_export_falls_back_to_torch_and_tries_again_later
 
     def export(*args: object, **kwargs: object) -> object:
         if disk_full[0]:
-            raise OutputWriteError("cannot write onnx/x/image_encoder.onnx: No space left on device")
+            raise OutputWriteError("cannot write image_encoder.onnx: No space left on device")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(onnx_export, "export_ranking_model", export)
