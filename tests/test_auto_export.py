@@ -241,3 +241,17 @@ def test_a_full_disk_during_the_export_falls_back_to_torch_and_tries_again_later
     _, said_again = _sort(photo_dir, tmp_path / "b.csv")
     assert "exporting" in said_again  # space freed: the next run exports
     assert len(_exports(isolated_home)) == 1
+
+
+def test_cache_info_shows_the_automatic_exports(
+    automatic: None, photo_dir: Path, tmp_path: Path, isolated_home: Path
+) -> None:
+    cache = tmp_path / "c.sqlite3"
+    _sort(photo_dir, tmp_path / "a.csv", "--cache", str(cache))
+    shown = CliRunner().invoke(app, ["cache", "info", "--cache", str(cache)])
+    assert shown.exit_code == 0, shown.output
+    assert "automatic ONNX exports: 1" in shown.output
+    as_json = CliRunner().invoke(app, ["cache", "info", "--json", "--cache", str(cache)])
+    record = json.loads(as_json.output)["onnx_exports"]
+    assert record["count"] == 1 and record["disk_bytes"] > 0
+    assert Path(record["folder"]) == isolated_home / "cache" / "onnx"

@@ -92,6 +92,9 @@ def info(
     with store:
         summary = store.summary()
         integrity = store.integrity_check() if check else None
+    from imgrank.models.auto_export import exports_dir, exports_on_disk
+
+    exports, export_bytes = exports_on_disk()
     if as_json:
         record = {
             "path": str(summary.path),
@@ -100,6 +103,11 @@ def info(
             "entries": summary.entries,
             "schema_version": summary.schema_version,
             "prompts": summary.prompts,
+            "onnx_exports": {
+                "folder": str(exports_dir()),
+                "count": exports,
+                "disk_bytes": export_bytes,
+            },
             "models": [
                 {
                     "fingerprint": m.fingerprint,
@@ -125,6 +133,13 @@ def info(
     out.print(f"on disk: {_size(summary.disk_bytes)}")
     out.print(f"entries: {summary.entries}")
     out.print(f"prompts: {summary.prompts}")
+    if exports:
+        # Not part of the cache file: models exported once for the default runtime
+        # (docs/performance.md); deleting the folder is safe, the next sort remakes them.
+        out.print(
+            f"automatic ONNX exports: {exports}, {_size(export_bytes)} in "
+            f"{escape(str(exports_dir()))}"
+        )
     if integrity is not None:
         out.print(f"check:   {escape('; '.join(integrity[:5]))}")
     if summary.models:

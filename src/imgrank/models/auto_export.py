@@ -63,6 +63,22 @@ def exports_dir() -> Path:
     return cache_dir() / "onnx"
 
 
+def exports_on_disk() -> tuple[int, int]:
+    """How many automatic exports the user cache holds, and their bytes (``cache info``)."""
+    folder = exports_dir()
+    count = total = 0
+    if not folder.is_dir():
+        return 0, 0
+    for export in folder.iterdir():
+        if not export.is_dir():
+            continue
+        count += 1
+        for file in export.iterdir():
+            with contextlib.suppress(OSError):
+                total += file.stat().st_size
+    return count, total
+
+
 def onnx_export_possible() -> bool:
     """onnxruntime (to run) and onnx (to export) are installed."""
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
