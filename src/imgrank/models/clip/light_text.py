@@ -37,7 +37,11 @@ from imgrank.models.clip.config import (
     named_model_config,
     open_clip_folder,
 )
-from imgrank.models.clip.towers import features_fingerprint, text_features_fingerprint
+from imgrank.models.clip.towers import (
+    features_fingerprint,
+    text_dtype_name,
+    text_features_fingerprint,
+)
 from imgrank.models.clip.weights import remembered_weights, weights_identity
 from imgrank.models.device import cuda_possible
 
@@ -202,14 +206,14 @@ def _text_dtype(device: str, precision: str | None) -> str | None:
 
     None when only a built backbone can tell (an unknown device string).
     """
+    from imgrank.models.clip.build import build_precision
+
     device = device.lower()
     if device == "auto":
         device = "cuda" if cuda_possible() else "cpu"
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
         return None
-    if precision in (None, "auto"):
-        return "float16" if device.startswith("cuda") else "float32"
-    return "float16" if precision == "fp16" else "float32"
+    return text_dtype_name(build_precision(precision, device))
 
 
 def text_identity(spec: BackboneSpec, device: str, precision: str | None = None) -> str | None:

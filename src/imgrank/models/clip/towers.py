@@ -92,9 +92,9 @@ class Backbone:
     @property
     def text_fingerprint(self) -> str:
         """Identifies this backbone's text features: the prompt cache's key."""
-        # The text tower's own format: half precision only with fp16 (bf16 is the image tower's).
-        text_dtype = "float16" if self.precision == "fp16" else "float32"
-        return text_features_fingerprint(self.config, self.weights_id, text_dtype)
+        return text_features_fingerprint(
+            self.config, self.weights_id, text_dtype_name(self.precision)
+        )
 
     def prompt_features(self, texts: list[str], *, tokens: bool = False) -> list[PromptFeatures]:
         """Text features as the prompt cache stores them (float32 numpy, one per text)."""
@@ -233,6 +233,12 @@ def text_tower_forward(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, tor
         else:
             pooled = pooled @ model.text_projection
     return pooled, tokens
+
+
+def text_dtype_name(precision: str) -> str:
+    """The text tower's number format for a resolved precision (``fp32``, ``fp16``, ``bf16``):
+    half precision only with fp16, since bf16 is the image tower's alone."""
+    return "float16" if precision == "fp16" else "float32"
 
 
 def features_fingerprint(
