@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgrank import __version__
-from imgrank.errors import ImgrankError
+from imgrank.errors import ImgrankError, OutputWriteError
 from imgrank.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def automatic_onnx_model(
         # Files changed since the export (truncated, edited, a disk error): make it again.
         if warn is not None:
             warn(f"the automatic ONNX export {target} was changed on disk; exporting it again")
-        _set_aside(target)
+        _remove_export(target)
     exported = (target / MANIFEST_NAME).is_file()
     if not exported and not _export(torch_model, target, failed, warn, notice):
         return None
@@ -162,7 +162,7 @@ def automatic_onnx_model(
     except ImgrankError as exc:
         # A damaged export (files removed by hand, a disk error): set it aside and use torch;
         # the next run exports again.
-        _set_aside(target)
+        _remove_export(target)
         if warn is not None:
             warn(f"the automatic ONNX export {target} is unusable ({exc}); sorting with PyTorch")
         return None
@@ -189,13 +189,13 @@ def _export(
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # a half-made folder cannot exist (atomic), but an emptied one may
-            _set_aside(target)
+            _remove_export(target)
         export_ranking_model(torch_model, target)
     except (ImgrankError, OSError) as exc:
         if (target / MANIFEST_NAME).is_file():
             return True  # another imgrank finished the same export first
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, ImgrankError) and not _is_disk_problem(exc):
+        if isinstance(exc, ImgrankError) and not isinstance(exc, OutputWriteError):
             # A model the exporter cannot handle stays that way: remember, do not retry.
             with contextlib.suppress(OSError):
                 failed.write_text(json.dumps({"error": reason, "imgrank": __version__}) + "\n")
@@ -241,12 +241,6 @@ def _intact(folder: Path) -> bool:
         return False
 
 
-def _is_disk_problem(exc: ImgrankError) -> bool:
-    from imgrank.errors import OutputWriteError
-
-    return isinstance(exc, OutputWriteError)
-
-
-def _set_aside(folder: Path) -> None:
-    """Move a damaged export out of the way (it is re-creatable, so it is removed)."""
+def _remove_export(folder: Path) -> None:
+    """Remove a damaged export: imgrank made it and makes it again (nothing of the user's)."""
     shutil.rmtree(folder, ignore_errors=True)
