@@ -400,22 +400,13 @@ def load_adapter(folder: ModelFolder | str | Path, *, device: str = "cpu") -> Ra
         ModelError: the weights file is missing or unreadable.
         AdapterMismatchError: the weights do not fit the config (keys listed).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from imgrank.models.adapter import RankingAdapter
 
-    if not isinstance(folder, ModelFolder):
-        folder = load_model_folder(folder)
+    folder = _as_folder(folder)
     if folder.adapter_config is None:
         raise ModelError(f"{folder.path} holds a {folder.kind}, not a ranking adapter")
     weights = folder.adapter_weights
-    if not weights.is_file():
-        raise ModelError(f"{weights} is missing: the model folder is incomplete")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {weights}: {exc}") from None
+    state = _read_weights(weights, "torch")
     adapter = RankingAdapter(folder.adapter_config)
     load_adapter_state(adapter, state, source=str(weights))
     return adapter.eval().to(device)
@@ -549,23 +540,12 @@ def load_head(folder: ModelFolder | str | Path) -> torch.nn.Module:
     Raises:
         ModelError: not a head folder, or a missing, unreadable or mis-shaped weights file.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from imgrank.models.heads import load_head_module
 
-    if not isinstance(folder, ModelFolder):
-        folder = load_model_folder(folder)
-    if folder.head is None:
-        raise ModelError(f"{folder.path} holds a ranking adapter, not a head")
-    weights = folder.head_weights
-    if not weights.is_file():
-        raise ModelError(f"{weights} is missing: the model folder is incomplete")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {weights}: {exc}") from None
-    return load_head_module(folder.head, state, source=str(weights))
+    folder = _head_folder(folder)
+    assert folder.head is not None
+    state = _read_weights(folder.head_weights, "torch")
+    return load_head_module(folder.head, state, source=str(folder.head_weights))
 
 
 def load_head_arrays(folder: ModelFolder | str | Path) -> dict[str, Any]:
@@ -575,21 +555,43 @@ def load_head_arrays(folder: ModelFolder | str | Path) -> dict[str, Any]:
         ModelError: not a head folder, or a missing or unreadable weights file.
     """
     import numpy as np
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
 
-    if not isinstance(folder, ModelFolder):
-        folder = load_model_folder(folder)
+    state = _read_weights(_head_folder(folder).head_weights, "numpy")
+    return {key: np.asarray(value, dtype=np.float32) for key, value in state.items()}
+
+
+def _as_folder(folder: ModelFolder | str | Path) -> ModelFolder:
+    return folder if isinstance(folder, ModelFolder) else load_model_folder(folder)
+
+
+def _head_folder(folder: ModelFolder | str | Path) -> ModelFolder:
+    """The folder, read if given as a path, refused unless it holds a head."""
+    folder = _as_folder(folder)
     if folder.head is None:
         raise ModelError(f"{folder.path} holds a ranking adapter, not a head")
-    weights = folder.head_weights
+    return folder
+
+
+def _read_weights(weights: Path, framework: str) -> dict[str, Any]:
+    """A model folder's safetensors file as torch tensors (on the CPU) or numpy arrays.
+
+    Raises:
+        ModelError: the file is missing or unreadable, naming it.
+    """
+    from safetensors import SafetensorError
+
     if not weights.is_file():
         raise ModelError(f"{weights} is missing: the model folder is incomplete")
     try:
-        state = load_file(str(weights))
+        if framework == "torch":
+            from safetensors.torch import load_file as load_torch
+
+            return dict(load_torch(str(weights), device="cpu"))
+        from safetensors.numpy import load_file as load_numpy
+
+        return dict(load_numpy(str(weights)))
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise ModelError(f"cannot read {weights}: {exc}") from None
-    return {key: np.asarray(value, dtype=np.float32) for key, value in state.items()}
 
 
 def looks_like_head(path: str | Path) -> bool:
