@@ -11,12 +11,20 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, BinaryIO, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from imgrank.errors import ImgrankError, ModelError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from imgrank.ranking import SkippedFile
+    from imgrank.sorter import SortCallbacks
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -267,6 +275,85 @@ def prepare_torch() -> None:
         torch.set_num_threads(threads)
     else:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def progress_bar(*, enabled: bool) -> Progress | None:
+    """A Rich progress bar with images/s and ETA on stderr, or None when not wanted."""
+    if not enabled:
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class ImagesPerSecond(ProgressColumn):
+        def render(self, task):  # type: ignore[no-untyped-def]
+            speed = task.speed
+            return Text("" if speed is None else f"{speed:.1f} img/s")
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        ImagesPerSecond(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+@dataclass
+class RunFeedback:
+    """What ``sort``, ``cull`` and ``embed`` show while photos are read and scored.
+
+    Attributes:
+        callbacks: For the library (:class:`imgrank.sorter.SortCallbacks`).
+        skipped: Every file that could not be used, in order (for ``--errors``).
+        progress: The progress bar, or None (not a terminal, ``--quiet``, or not asked);
+            the command starts and stops it around the run.
+    """
+
+    callbacks: SortCallbacks
+    skipped: list[SkippedFile]
+    progress: Progress | None
+
+
+def run_feedback(*, quiet: bool, task: str | None = None) -> RunFeedback:
+    """Warnings, news, skipped files (shown even with ``--quiet``: each is an error for that
+    file) and, with ``task`` on a terminal, a progress bar of that name."""
+    from imgrank.sorter import SortCallbacks
+
+    skipped: list[SkippedFile] = []
+
+    def skip(item: SkippedFile) -> None:
+        skipped.append(item)
+        err_console.print(f"[yellow]skipped:[/] {escape(str(item.path))}: {escape(item.reason)}")
+
+    progress = progress_bar(enabled=task is not None and err_console.is_terminal and not quiet)
+    task_ids: list[Any] = []
+
+    def found(total: int) -> None:
+        if progress is not None:
+            task_ids.append(progress.add_task(str(task), total=total))
+
+    def advance(count: int) -> None:
+        if progress is not None and task_ids:
+            progress.advance(task_ids[0], count)
+
+    callbacks = SortCallbacks(
+        warn=lambda message: warn(message, quiet=quiet),
+        skip=skip,
+        found=found,
+        advance=advance,
+        notice=lambda message: notice(message, quiet=quiet),
+    )
+    return RunFeedback(callbacks, skipped, progress)
 
 
 def notice(message: str, *, quiet: bool = False) -> None:

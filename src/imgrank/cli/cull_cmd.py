@@ -12,10 +12,9 @@ from imgrank.cli.common import (
     check_before_writing,
     err_console,
     handle_errors,
-    notice,
     option_given,
     prepare_torch,
-    warn,
+    run_feedback,
 )
 from imgrank.cli.options import (
     AdapterOption,
@@ -51,7 +50,6 @@ from imgrank.features.pipeline import DEFAULT_BATCH_SIZE
 from imgrank.grouping import DEFAULT_GAP, DEFAULT_HASH_SURE
 from imgrank.images.decode import DEFAULT_MAX_PIXELS
 from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from imgrank.ranking import SkippedFile
 
 
 @handle_errors
@@ -160,7 +158,7 @@ def cull(
     from imgrank.files.atomic import atomic_file, check_new_file
     from imgrank.files.writers import write_culling, write_errors_csv
     from imgrank.grouping import GroupingOptions
-    from imgrank.sorter import SortCallbacks, SortRequest
+    from imgrank.sorter import SortRequest
 
     fmt = OutputFormat(fmt).value  # Typer refuses any other value before this runs
     if paths_only and fmt != "csv":
@@ -220,18 +218,9 @@ def cull(
         raw_pairs=RawPairs(raw_pairs).value,
     )
     interactive = err_console.is_terminal and not quiet
-    skipped: list[SkippedFile] = []
-
-    def skip(item: SkippedFile) -> None:
-        skipped.append(item)
-        err_console.print(f"[yellow]skipped:[/] {escape(str(item.path))}: {escape(item.reason)}")
-
     prepare_torch()
-    callbacks = SortCallbacks(
-        warn=lambda message: warn(message, quiet=quiet),
-        skip=skip,
-        notice=lambda message: notice(message, quiet=quiet),
-    )
+    feedback = run_feedback(quiet=quiet)
+    skipped, callbacks = feedback.skipped, feedback.callbacks
     try:
         features = collect_features(request, callbacks, workers=workers)
     finally:

@@ -7,7 +7,13 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from imgrank.cli.common import check_before_writing, err_console, handle_errors, option_given, warn
+from imgrank.cli.common import (
+    check_before_writing,
+    err_console,
+    handle_errors,
+    option_given,
+    run_feedback,
+)
 from imgrank.cli.options import (
     PANEL_ENGINE,
     PANEL_INPUT,
@@ -24,7 +30,6 @@ from imgrank.errors import UsageError
 from imgrank.features.pipeline import DEFAULT_BATCH_SIZE
 from imgrank.images.decode import DEFAULT_MAX_PIXELS
 from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from imgrank.ranking import SkippedFile
 
 
 @handle_errors
@@ -97,12 +102,12 @@ def embed(
 
         imgrank embed s3://bucket/photos --out /shared/features --engine ray --ray-address auto
     """
-    from imgrank.cli.sort_cmd import _progress, _source_argument
+    from imgrank.cli.sort_cmd import _source_argument
     from imgrank.embed import check_destination, embed_request
     from imgrank.embed import embed as run_embed
     from imgrank.files.atomic import atomic_file, check_new_file
     from imgrank.files.writers import write_errors_csv
-    from imgrank.sorter import SortCallbacks, SortRequest, validate_request
+    from imgrank.sorter import SortRequest, validate_request
 
     folder = _source_argument(source, paths_from)
     if engine != "ray" and (ray_address or ray_actors is not None or ray_cpus_per_actor is not None):
@@ -133,27 +138,8 @@ def embed(
     check_destination(out)
     if errors is not None:
         check_new_file(errors, replace=force)
-    interactive = err_console.is_terminal and not quiet
-    skipped: list[SkippedFile] = []
-
-    def skip(item: SkippedFile) -> None:
-        skipped.append(item)
-        err_console.print(f"[yellow]skipped:[/] {escape(str(item.path))}: {escape(item.reason)}")
-
-    progress = _progress(enabled=interactive)
-    task_ids: list[int] = []
-
-    def found(total: int) -> None:
-        if progress is not None:
-            task_ids.append(progress.add_task("embedding", total=total))
-
-    def advance(count: int) -> None:
-        if progress is not None and task_ids:
-            progress.advance(task_ids[0], count)
-
-    callbacks = SortCallbacks(
-        warn=lambda message: warn(message, quiet=quiet), skip=skip, found=found, advance=advance
-    )
+    feedback = run_feedback(quiet=quiet, task="embedding")
+    skipped, progress, callbacks = feedback.skipped, feedback.progress, feedback.callbacks
     try:
         if engine == "ray":
             from imgrank.engines.ray import connect

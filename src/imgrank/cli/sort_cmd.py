@@ -16,11 +16,11 @@ from imgrank.cli.common import (
     check_before_writing,
     err_console,
     handle_errors,
-    notice,
     option_given,
     prepare_torch,
+    progress_bar,
     route_library_warnings,
-    warn,
+    run_feedback,
 )
 from imgrank.cli.options import (
     PANEL_ENGINE,
@@ -66,10 +66,9 @@ from imgrank.images.decode import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 
 # These modules import torch only inside functions, so importing them here is cheap.
 from imgrank.models.clip.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from imgrank.ranking import SkippedFile
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
+    pass
 
 
 #: Options only ``sort`` has, declared here; the shared ones come from :mod:`imgrank.cli.options`.
@@ -368,7 +367,7 @@ def sort(
         write_ranking,
     )
     from imgrank.images.sources import is_uri
-    from imgrank.sorter import SortCallbacks, SortRequest, sort_folder, validate_request
+    from imgrank.sorter import SortRequest, sort_folder, validate_request
 
     route_library_warnings(quiet=quiet)
     fmt = OutputFormat(fmt).value  # the writers take the plain name
@@ -469,37 +468,15 @@ def sort(
     # The process's thread count is the command line's to set (it imports nothing).
     prepare_torch()
     interactive = err_console.is_terminal and not quiet
-    skipped: list[SkippedFile] = []
-
-    def skip(item: SkippedFile) -> None:
-        skipped.append(item)
-        # A file that could not be used is an error for that file: shown even with --quiet.
-        err_console.print(f"[yellow]skipped:[/] {escape(str(item.path))}: {escape(item.reason)}")
+    feedback = run_feedback(quiet=quiet, task="ranking")
+    skipped, progress, callbacks = feedback.skipped, feedback.progress, feedback.callbacks
 
     # stdout is written through a sink: a reader that goes away (`| head -1`) must not
     # keep the renames, links and copies below from happening.
     out = StdoutSink()
     with ExitStack() as stack:
-        progress = _progress(enabled=interactive)
         if progress is not None:
             stack.enter_context(progress)
-        task_ids: list[int] = []
-
-        def found(total: int) -> None:
-            if progress is not None:
-                task_ids.append(progress.add_task("ranking", total=total))
-
-        def advance(count: int) -> None:
-            if progress is not None and task_ids:
-                progress.advance(task_ids[0], count)
-
-        callbacks = SortCallbacks(
-            warn=lambda message: warn(message, quiet=quiet),
-            skip=skip,
-            found=found,
-            advance=advance,
-            notice=lambda message: notice(message, quiet=quiet),
-        )
         try:
             if engine_name == "ray":  # after every check: starting Ray takes seconds
                 from imgrank.engines.ray import connect
@@ -543,7 +520,7 @@ def sort(
     if report is not None:
         from imgrank.report.html import write_report
 
-        bar = _progress(enabled=interactive)
+        bar = progress_bar(enabled=interactive)
         with bar or ExitStack():
             task = bar.add_task("report", total=len(ranking.items)) if bar else 0
             write_report(
@@ -619,32 +596,3 @@ def _same_path(a: Path, b: Path) -> bool:
     return a.absolute().resolve() == b.absolute().resolve()
 
 
-def _progress(*, enabled: bool) -> Progress | None:
-    """A Rich progress bar with images/s and ETA on stderr, or None when not wanted."""
-    if not enabled:
-        return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class ImagesPerSecond(ProgressColumn):
-        def render(self, task):  # type: ignore[no-untyped-def]
-            speed = task.speed
-            return Text("" if speed is None else f"{speed:.1f} img/s")
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        ImagesPerSecond(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    )
